@@ -1,0 +1,1 @@
+"""Data layer: shard writing, streaming, decoding and collation of image-text-audio samples."""

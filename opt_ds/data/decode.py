@@ -1,0 +1,135 @@
+"""Decode one raw shard sample (bytes per extension) into model-ready tensors.
+
+A part that cannot be decoded is dropped and its reason counted; the rest of the sample is kept.
+Nothing is ever unpickled: only images, audio, UTF-8 text and JSON are read.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import soundfile
+import torch
+import torchaudio
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, first_present
+from opt_ds.data.tokenizer import load_tokenizer
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    image_size: int = 64
+    max_image_pixels: int = 40_000_000
+    sample_rate: int = 16_000
+    max_audio_seconds: float = 10.0
+    n_mels: int = 80
+    fbank_mean: float = -4.27  # AudioSet log-mel statistics (AST), waveform in [-1, 1]
+    fbank_std: float = 4.57
+    max_text_tokens: int = 64
+    max_sample_bytes: int = 64 * 1024 * 1024
+    tokenizer: str | None = None
+
+
+class SampleDecoder:
+    """Callable: raw sample dict -> (decoded dict or None, list of (reason, detail))."""
+
+    def __init__(self, cfg: DecodeConfig):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.image_transform = T.Compose(
+            [
+                T.Resize(cfg.image_size, antialias=True),
+                T.CenterCrop(cfg.image_size),
+                T.ToImage(),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(IMAGE_MEAN, IMAGE_STD),
+            ]
+        )
+
+    def image(self, data: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > self.cfg.max_image_pixels:
+                raise OversizeError(f"{width}x{height} pixels > {self.cfg.max_image_pixels}")
+            img.draft("RGB", (self.cfg.image_size, self.cfg.image_size))  # JPEG: decode at reduced scale
+            return self.image_transform(img.convert("RGB"))
+
+    def audio(self, data: bytes) -> torch.Tensor:
+        """Mono 16 kHz waveform (first max_audio_seconds) -> normalised log-mel frames [T, n_mels]."""
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            wanted = int(self.cfg.max_audio_seconds * rate)
+            frames = f.read(wanted if f.frames <= 0 else min(f.frames, wanted), dtype="float32", always_2d=True)
+        if frames.shape[0] == 0:
+            raise ValueError("no audio frames")
+        wave = torch.from_numpy(frames).mean(dim=1)
+        if rate != self.cfg.sample_rate:
+            wave = torchaudio.functional.resample(wave, rate, self.cfg.sample_rate)
+        if wave.numel() < self.cfg.sample_rate // 40:  # shorter than one 25 ms window
+            raise ValueError(f"audio too short: {wave.numel()} samples")
+        fbank = torchaudio.compliance.kaldi.fbank(
+            wave.unsqueeze(0),
+            num_mel_bins=self.cfg.n_mels,
+            sample_frequency=self.cfg.sample_rate,
+            frame_length=25.0,
+            frame_shift=10.0,
+            dither=0.0,
+            htk_compat=True,
+            window_type="hanning",
+        )
+        return (fbank - self.cfg.fbank_mean) / (2 * self.cfg.fbank_std)
+
+    def text(self, caption: str) -> torch.Tensor:
+        ids = self.tokenizer(caption, truncation=True, max_length=self.cfg.max_text_tokens)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def __call__(self, raw: dict) -> tuple[dict | None, list[tuple[str, str]]]:
+        problems: list[tuple[str, str]] = []
+        size = sum(len(v) for k, v in raw.items() if isinstance(v, bytes))
+        if size > self.cfg.max_sample_bytes:
+            return None, [("oversize_sample", f"{size} bytes > {self.cfg.max_sample_bytes}")]
+        out: dict = {"key": raw["__key__"]}
+
+        image = first_present(raw, IMAGE_EXTS)
+        if image is not None:
+            try:
+                out["image"] = self.image(image[1])
+            except OversizeError as exc:
+                problems.append(("oversize_image", str(exc)))
+            except Exception as exc:  # PIL raises many types for corrupt files
+                problems.append(("bad_image", f"{type(exc).__name__}: {exc}"))
+
+        audio = first_present(raw, AUDIO_EXTS)
+        if audio is not None:
+            try:
+                out["audio"] = self.audio(audio[1])
+            except Exception as exc:  # libsndfile errors, empty or truncated streams
+                problems.append(("bad_audio", f"{type(exc).__name__}: {exc}"))
+
+        try:
+            caption = caption_bytes(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            caption = None
+            problems.append(("bad_text", f"{type(exc).__name__}: {exc}"))
+        if caption is not None:
+            caption = " ".join(caption.split())
+            if caption:
+                out["caption"] = caption
+                out["text_ids"] = self.text(caption)
+            else:
+                problems.append(("empty_caption", ""))
+
+        if not any(m in out for m in ("image", "audio", "text_ids")):
+            problems.append(("no_usable_modality", ",".join(sorted(k for k in raw if not k.startswith("__")))))
+            return None, problems
+        return out, problems
+
+
+class OversizeError(ValueError):
+    """An image whose pixel count exceeds the configured limit (decompression-bomb guard)."""

@@ -1,0 +1,51 @@
+"""Turn a user's shard spec (brace pattern, directory, list file) into a checked list of shard URLs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import braceexpand
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+
+
+class ShardSpecError(ValueError):
+    """A shard spec names nothing, or names local files that do not exist."""
+
+
+def _expand_one(spec: str) -> list[str]:
+    if spec.startswith(REMOTE_PREFIXES):
+        return list(braceexpand.braceexpand(spec))
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        if not shards:
+            raise ShardSpecError(f"shard directory {spec} holds no .tar files")
+        return shards
+    if path.suffix in (".txt", ".list") and path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        entries = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not entries:
+            raise ShardSpecError(f"shard list file {spec} is empty")
+        base = path.parent
+        return [e if e.startswith(REMOTE_PREFIXES) or os.path.isabs(e) else str(base / e) for e in entries]
+    return list(braceexpand.braceexpand(spec))
+
+
+def expand_shards(specs: str | os.PathLike | list[str]) -> list[str]:
+    """Expand one or more specs, keep their order, and fail early on missing local files."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [os.fspath(specs)]
+    if not specs:
+        raise ShardSpecError("no shard spec given")
+    shards: list[str] = []
+    for spec in specs:
+        if not spec or not spec.strip():
+            raise ShardSpecError("empty shard spec")
+        shards.extend(_expand_one(spec.strip()))
+    missing = [s for s in shards if not s.startswith(REMOTE_PREFIXES) and not os.path.isfile(s)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ShardSpecError(f"shard not found: {missing[0]}{more}")
+    return shards

@@ -1,0 +1,311 @@
+"""Resumable, deterministic streaming of WebDataset shards for one rank.
+
+Every (rank, worker) pair is a *slot* that reads a deterministic stream per source: per epoch the
+shard order is shuffled with (seed, source, epoch), split across slots (by shard, or by sample when
+there are fewer shards than slots), and the samples pass a seeded shuffle buffer. A slot's position
+in a source is therefore just (epoch, raw samples consumed this epoch); resuming replays the raw tar
+stream of the current epoch up to that point without decoding it.
+
+Sources are mixed per sample with weights; the draw for a slot's j-th sample depends only on
+(seed, rank, slot, j). Batches are built inside workers and carry the worker's position, so the main
+process knows exactly what the trainer consumed, not what was prefetched. DataLoader hands out
+batches from workers round-robin; on resume the physical workers are rotated so the next batch comes
+from the same logical worker as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import tarfile_samples
+
+from opt_ds.data.collate import collate
+from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.shards import expand_shards
+from opt_ds.data.skips import SkipCounter
+
+STATE_VERSION = 1
+MAX_UNDECODABLE_RUN = 100_000
+END_OF_STREAM = "_end_of_stream"  # a finite stream's last message: the worker's final counts, no samples
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One stream of shards (triplets, or unpaired text/image/audio) and its sampling weight."""
+
+    name: str
+    shards: list[str] | str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    batch_size: int = 8
+    num_workers: int = 2
+    seed: int = 0
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000  # samples; 0 or 1 keeps tar order
+    resample: bool = False  # draw shards with replacement each epoch
+    max_epochs: int | None = None  # None streams forever (training); 1 reads one pass
+    prefetch_factor: int = 4
+
+
+@dataclass
+class SourcePosition:
+    epoch: int = 0
+    consumed: int = 0
+    done: bool = False
+
+
+@dataclass
+class WorkerState:
+    """Where one logical worker of one rank is: everything needed to continue its stream exactly."""
+
+    draws: int = 0
+    samples: int = 0
+    sources: list[SourcePosition] = field(default_factory=list)
+    skips: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "draws": self.draws,
+            "samples": self.samples,
+            "sources": [vars(p).copy() for p in self.sources],
+            "skips": dict(self.skips),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkerState":
+        return cls(d["draws"], d["samples"], [SourcePosition(**p) for p in d["sources"]], dict(d["skips"]))
+
+
+def _ends_like_a_tar(path: str) -> bool:
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+class SourceStream:
+    """Raw (undecoded) samples of one source for one slot, continuing from a SourcePosition."""
+
+    def __init__(self, shards: list[str], index: int, slot: int, n_slots: int, cfg: ReaderConfig,
+                 position: SourcePosition, skips: SkipCounter, name: str):
+        self.shards, self.index, self.slot, self.n_slots = shards, index, slot, n_slots
+        self.cfg, self.position, self.skips, self.name = cfg, position, skips, name
+        self._it: Iterator[dict] | None = None
+        self._replaying = False
+
+    def _tar_error(self, exn: Exception) -> bool:
+        if self._replaying:  # already counted before the checkpoint
+            return True
+        self.skips.add("tar_error", str(exn.args[-1]) if exn.args else "?", f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+        return True
+
+    def _checked(self, urls: list[str]) -> Iterator[str]:
+        """Count local shards that lack the zero blocks a complete tar ends with (cut at a member boundary,
+        which tarfile reads as a clean end), then read what they hold."""
+        for url in urls:
+            if not self._replaying and os.path.isfile(url) and not _ends_like_a_tar(url):
+                self.skips.add("truncated_tar", url)
+            yield url
+
+    def _epoch_samples(self, epoch: int) -> Iterator[dict]:
+        seed = self.cfg.seed
+        rng = random.Random(f"{seed}-shards-{self.index}-{epoch}")
+        order = list(self.shards)
+        if self.cfg.resample:
+            slot_rng = random.Random(f"{seed}-resample-{self.index}-{epoch}-{self.slot}")
+            mine = [slot_rng.choice(order) for _ in range(max(1, len(order) // self.n_slots))]
+            stride = False
+        else:
+            if self.cfg.shuffle_shards:
+                rng.shuffle(order)
+            stride = len(order) < self.n_slots
+            mine = order if stride else order[self.slot :: self.n_slots]
+        samples = tarfile_samples(({"url": url} for url in self._checked(mine)), handler=self._tar_error)
+        if stride:
+            samples = (s for i, s in enumerate(samples) if i % self.n_slots == self.slot)
+        if self.cfg.shuffle_buffer > 1:
+            buf = self.cfg.shuffle_buffer
+            samples = _shuffle(iter(samples), buf, buf, rng=random.Random(f"{seed}-samples-{self.index}-{epoch}-{self.slot}"))
+        return iter(samples)
+
+    def next(self) -> dict | None:
+        """The next raw sample, or None once max_epochs is reached."""
+        pos = self.position
+        while not pos.done:
+            if self._it is None:
+                self._it = self._epoch_samples(pos.epoch)
+                self._replaying = True
+                for _ in itertools.islice(self._it, pos.consumed):
+                    pass
+                self._replaying = False
+            sample = next(self._it, None)
+            if sample is not None:
+                pos.consumed += 1
+                return sample
+            if pos.consumed == 0 and self.cfg.max_epochs is None:
+                raise RuntimeError(
+                    f"source '{self.name}' gave slot {self.slot} of {self.n_slots} no samples in epoch "
+                    f"{pos.epoch}: fewer readable samples than ranks x workers?"
+                )
+            self._it = None
+            pos.epoch, pos.consumed = pos.epoch + 1, 0
+            pos.done = self.cfg.max_epochs is not None and pos.epoch >= self.cfg.max_epochs
+        return None
+
+
+class StreamingDataset(IterableDataset):
+    """Yields ready batches (dict of tensors) with a `_meta` entry holding the worker's position."""
+
+    def __init__(self, sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig,
+                 rank: int = 0, world_size: int = 1):
+        if not sources:
+            raise ValueError("data: no sources configured")
+        for s in sources:
+            if s.weight <= 0:
+                raise ValueError(f"data source '{s.name}': weight must be > 0, got {s.weight}")
+        self.sources = sources
+        self.shards = [expand_shards(s.shards) for s in sources]  # fail at start-up, not in a worker
+        self.decode_cfg, self.cfg = decode, reader
+        self.rank, self.world_size = rank, world_size
+        self.resume: dict | None = None
+
+    def _pick_source(self, live: list[int], slot: int, draw: int) -> int:
+        if len(live) == 1:
+            return live[0]
+        u = random.Random(f"{self.cfg.seed}-mix-{slot}-{draw}").random()
+        weights = [self.sources[i].weight for i in live]
+        threshold, acc = u * sum(weights), 0.0
+        for i, w in zip(live, weights):
+            acc += w
+            if threshold < acc:
+                return i
+        return live[-1]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        resume = self.resume or {}
+        logical = (physical + resume.get("batches", 0)) % n_workers
+        saved = resume.get("workers", {}).get(str(logical))
+        state = WorkerState.from_dict(saved) if saved else WorkerState(sources=[SourcePosition() for _ in self.sources])
+        slot = self.rank * n_workers + logical
+        n_slots = self.world_size * n_workers
+        skips = SkipCounter(counts=state.skips)
+        decoder = SampleDecoder(self.decode_cfg)
+        streams = [
+            SourceStream(shards, i, slot, n_slots, self.cfg, state.sources[i], skips, self.sources[i].name)
+            for i, shards in enumerate(self.shards)
+        ]
+        batch: list[dict] = []
+        undecodable_run = 0
+        while True:
+            live = [i for i, p in enumerate(state.sources) if not p.done]
+            if not live:
+                break
+            i = self._pick_source(live, slot, state.draws)
+            state.draws += 1
+            raw = streams[i].next()
+            if raw is None:
+                continue
+            decoded, problems = decoder(raw)
+            for reason, detail in problems:
+                skips.add(reason, f"{raw.get('__url__')}:{raw.get('__key__')}", detail)
+            if decoded is None:
+                undecodable_run += 1
+                if undecodable_run >= MAX_UNDECODABLE_RUN:
+                    raise RuntimeError(f"{undecodable_run} samples in a row were unusable; skip counts: {skips.as_dict()}")
+                continue
+            undecodable_run = 0
+            decoded["source"] = self.sources[i].name
+            batch.append(decoded)
+            state.samples += 1
+            if len(batch) == self.cfg.batch_size:
+                yield self._emit(batch, logical, state, skips)
+                batch = []
+        if batch:
+            yield self._emit(batch, logical, state, skips)
+        state.skips = skips.as_dict()
+        yield {END_OF_STREAM: True, "_meta": {"worker": logical, "state": state.as_dict()}}
+
+    def _emit(self, samples: list[dict], logical: int, state: WorkerState, skips: SkipCounter) -> dict:
+        state.skips = skips.as_dict()
+        batch = collate(samples, self.decode_cfg)
+        batch["sources"] = [s["source"] for s in samples]
+        batch["_meta"] = {"worker": logical, "state": state.as_dict()}
+        return batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class ResumableLoader:
+    """A rank's endless (or max_epochs-bounded) batch stream with state_dict/load_state_dict.
+
+    Iterating again continues where the last iteration stopped.
+    """
+
+    def __init__(self, dataset: StreamingDataset):
+        self.dataset = dataset
+        self.num_workers = dataset.cfg.num_workers
+        self.batches = 0
+        self.workers: dict[int, dict] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.resume = self.state_dict()
+        extra = {"prefetch_factor": self.dataset.cfg.prefetch_factor, "worker_init_fn": _worker_init} if self.num_workers else {}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)
+        for batch in loader:
+            meta = batch.pop("_meta")
+            self.workers[meta["worker"]] = meta["state"]
+            if END_OF_STREAM in batch:
+                continue
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "rank": self.dataset.rank,
+            "world_size": self.dataset.world_size,
+            "num_workers": self.num_workers,
+            "sources": [s.name for s in self.dataset.sources],
+            "batches": self.batches,
+            "workers": {str(k): v for k, v in self.workers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the reader layout must match the one that saved it."""
+        mine = self.state_dict()
+        for key in ("version", "rank", "world_size", "num_workers", "sources"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"data state mismatch in '{key}': checkpoint has {state.get(key)!r}, this run {mine[key]!r}")
+        self.batches = state["batches"]
+        self.workers = {int(k): v for k, v in state["workers"].items()}
+
+    def skip_counts(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for w in self.workers.values():
+            total.update(w["skips"])
+        return dict(total)
+
+    def samples_read(self) -> int:
+        return sum(w["samples"] for w in self.workers.values())
+
+
+def make_loader(sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig,
+                rank: int = 0, world_size: int = 1) -> ResumableLoader:
+    return ResumableLoader(StreamingDataset(sources, decode, reader, rank, world_size))

@@ -1,0 +1,38 @@
+"""Shared fixtures: small shard sets built by the real builder, in a session-wide temp folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m module args` from the repo root under a time bound."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """60 triplets in 6 shards of 10."""
+    out = tmp_path_factory.mktemp("data") / "triplets"
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "60", "--max-samples", "10",
+               "--out", str(out), "--quiet", "--audio-seconds", "1.0")
+    return out

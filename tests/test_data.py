@@ -1,0 +1,356 @@
+"""The data layer end to end: builder CLIs, shard specs, decoding, bad input, mixing, resumption."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from conftest import run_module
+from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.shards import ShardSpecError, expand_shards
+from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
+from opt_ds.data.synthetic import synthetic_sample
+
+
+def read_all(shards, **reader_kw) -> tuple[list[dict], object]:
+    cfg = {"batch_size": 4, "num_workers": 0, "max_epochs": 1, "shuffle_buffer": 0, **reader_kw}
+    loader = make_loader([SourceConfig("s", shards)], DecodeConfig(), ReaderConfig(**cfg))
+    return list(loader), loader
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar as other tools write it (plain tarfile, not our writer)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def audio_bytes(fmt: str, seconds: float = 0.5, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    wave = (0.3 * np.sin(np.arange(int(seconds * rate)) / rate * 2 * np.pi * 440)).astype(np.float32)
+    soundfile.write(buf, wave, rate, format=fmt.upper())
+    return buf.getvalue()
+
+
+def image_bytes(size=(40, 30), fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# --- builder -------------------------------------------------------------------------------------
+
+def test_synthetic_builder_bounds_shards_and_writes_sizes(synthetic_shards):
+    shards = sorted(synthetic_shards.glob("*.tar"))
+    sizes = json.loads((synthetic_shards / "sizes.json").read_text())
+    assert len(shards) == 6 and sizes == {p.name: 10 for p in shards}
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+    assert names[:4] == ["syn000_00000000.flac", "syn000_00000000.jpg", "syn000_00000000.json", "syn000_00000000.txt"]
+
+
+def test_synthetic_is_deterministic():
+    a, b = synthetic_sample(7, seed=3), synthetic_sample(7, seed=3)
+    assert a == b and a != synthetic_sample(8, seed=3)
+    meta = json.loads(a["json"])
+    assert meta["colour"] in a["txt"].decode() and meta["shape"] in a["txt"].decode()
+
+
+def test_builder_refuses_non_empty_out(synthetic_shards):
+    proc = run_module("opt_ds.data.build_shards", "synthetic", "--num", "2", "--out", str(synthetic_shards), check=False)
+    assert proc.returncode != 0 and "already holds .tar shards" in proc.stderr
+
+
+def test_max_bytes_bounds_shards(tmp_path):
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "12", "--max-bytes", "30000", "--out", str(tmp_path), "--quiet")
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sum(sizes.values()) == 12 and len(sizes) >= 3
+    for name in sizes:  # bound is checked before each write: a shard passes it by at most one sample
+        assert (tmp_path / name).stat().st_size < 30000 + 60000
+
+
+def test_narratives_builder_counts_missing_files(tmp_path):
+    images, audio = tmp_path / "images", tmp_path / "audio"
+    (audio / "voice").mkdir(parents=True)
+    images.mkdir()
+    (images / "img1.jpg").write_bytes(image_bytes())
+    (images / "img2.jpg").write_bytes(image_bytes())
+    (audio / "voice" / "a1.ogg").write_bytes(audio_bytes("ogg"))
+    records = [
+        {"dataset_id": "open_images", "image_id": "img1", "annotator_id": 3, "caption": "a red box", "voice_recording": "voice/a1.ogg"},
+        {"dataset_id": "open_images", "image_id": "img2", "annotator_id": 3, "caption": "another red box", "voice_recording": "voice/missing.ogg"},
+        {"dataset_id": "open_images", "image_id": "img3", "annotator_id": 5, "caption": "no picture", "voice_recording": "voice/a1.ogg"},
+    ]
+    jsonl = tmp_path / "ln.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "shards"
+    proc = run_module("opt_ds.data.build_shards", "narratives", "--jsonl", str(jsonl), "--images", str(images),
+                      "--audio", str(audio), "--out", str(out), "--quiet")
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert "wrote 3 samples" in summary and "missing_audio: 1" in summary and "missing_image: 1" in summary
+    batches, _ = read_all(out)
+    by_key = {k: i for b in batches for i, k in enumerate(b["keys"])}
+    b = batches[0]
+    assert set(by_key) == {"open_images_img1_3", "open_images_img2_3", "open_images_img3_5"}
+    i = by_key["open_images_img1_3"]
+    assert b["has_image"][i] and b["has_audio"][i] and b["has_text"][i]
+    assert not b["has_audio"][by_key["open_images_img2_3"]] and not b["has_image"][by_key["open_images_img3_5"]]
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_builder(tmp_path, kind):
+    (tmp_path / "a.png").write_bytes(image_bytes(fmt="PNG"))
+    (tmp_path / "b.wav").write_bytes(audio_bytes("wav"))
+    rows = [{"image": "a.png", "audio": "", "text": "a red picture"},
+            {"image": "", "audio": "b.wav", "text": ""},
+            {"image": "", "audio": "", "text": "just text"},
+            {"image": "", "audio": "", "text": "  "}]
+    path = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "audio", "text"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_module("opt_ds.data.build_shards", "manifest", "--file", str(path), "--out", str(tmp_path / "out"), "--quiet")
+    assert "wrote 3 samples" in proc.stdout and "no_usable_modality: 1" in proc.stdout
+    batches, _ = read_all(tmp_path / "out")
+    b = batches[0]
+    assert b["has_image"].tolist() == [True, False, False]
+    assert b["has_audio"].tolist() == [False, True, False]
+    assert b["captions"] == ["a red picture", "", "just text"]
+
+
+# --- shard specs ---------------------------------------------------------------------------------
+
+def test_shard_specs(synthetic_shards, tmp_path):
+    from_dir = expand_shards(str(synthetic_shards))
+    assert len(from_dir) == 6
+    assert expand_shards(str(synthetic_shards / "shard-{000000..000005}.tar")) == from_dir
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# my shards\n" + "\n".join(from_dir[:2]) + "\n")
+    assert expand_shards(str(listing)) == from_dir[:2]
+    with pytest.raises(ShardSpecError, match=r"shard-000006.tar \(and 3 more\)"):
+        expand_shards(str(synthetic_shards / "shard-{000000..000009}.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardSpecError, match="holds no .tar"):
+        expand_shards(str(tmp_path / "empty"))
+    with pytest.raises(ShardSpecError, match="empty"):
+        expand_shards([""])
+
+
+def test_missing_shard_is_a_startup_error_in_the_cli(tmp_path):
+    proc = run_module("opt_ds.data.inspect", str(tmp_path / "nowhere-{0..3}.tar"), check=False)
+    assert proc.returncode == 2 and "shard not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3"])
+def test_audio_formats_decode_to_fbank(fmt):
+    decoder = SampleDecoder(DecodeConfig())
+    fbank = decoder.audio(audio_bytes(fmt, seconds=1.0, rate=22050))  # resampled to 16 kHz
+    assert fbank.shape[1] == 80 and 95 <= fbank.shape[0] <= 101 and torch.isfinite(fbank).all()
+
+
+def test_audio_is_cut_to_max_seconds():
+    decoder = SampleDecoder(DecodeConfig(max_audio_seconds=0.5))
+    assert decoder.audio(audio_bytes("flac", seconds=3.0)).shape[0] <= 50
+
+
+def test_image_resize_crop_normalise():
+    decoder = SampleDecoder(DecodeConfig(image_size=32))
+    image = decoder.image(image_bytes((120, 60)))
+    assert image.shape == (3, 32, 32) and image[0].mean() > 1.0  # red channel well above the mean after normalising
+
+
+# --- the reader ----------------------------------------------------------------------------------
+
+def test_one_epoch_reads_every_sample_once(synthetic_shards):
+    batches, loader = read_all(synthetic_shards, num_workers=2, shuffle_buffer=16)
+    keys = keys_of(batches)
+    assert len(keys) == 60 and len(set(keys)) == 60
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 64, 64) and b["audio"].shape[2] == 80 and b["text_ids"].shape[0] == 4
+    assert b["text_mask"].sum(1).min() >= 3 and b["audio_mask"].sum(1).min() >= 90
+    assert loader.samples_read() == 60 and loader.skip_counts() == {}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ranks_and_workers_split_without_overlap(synthetic_shards, workers):
+    seen = []
+    for rank in range(2):
+        loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(),
+                             ReaderConfig(batch_size=4, num_workers=workers, max_epochs=1), rank=rank, world_size=2)
+        seen.append(keys_of(list(loader)))
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 60
+
+
+def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "9", "--out", str(tmp_path), "--quiet")
+    seen = []
+    for rank in range(2):
+        loader = make_loader([SourceConfig("s", str(tmp_path))], DecodeConfig(),
+                             ReaderConfig(batch_size=2, num_workers=2, max_epochs=1), rank=rank, world_size=2)
+        seen += keys_of(list(loader))
+    assert sorted(seen) == [f"syn000_{i:08d}" for i in range(9)]
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(synthetic_shards):
+    order = lambda seed: keys_of(read_all(synthetic_shards, seed=seed, shuffle_buffer=20, max_epochs=2)[0])  # noqa: E731
+    a, b, c = order(1), order(1), order(2)
+    assert a == b and a != c
+    assert a[:60] != a[60:] and sorted(a[:60]) == sorted(a[60:])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_neither_repeats_nor_skips(synthetic_shards, workers):
+    """Read K batches, save the state, restart a new loader from it: the union is one uninterrupted pass."""
+    cfg = ReaderConfig(batch_size=4, num_workers=workers, shuffle_buffer=8, max_epochs=1, seed=5)
+    full = keys_of(list(make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), cfg)))
+    first = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), cfg)
+    head = []
+    for batch in first:
+        head += batch["keys"]
+        if len(head) >= 20:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON round trip
+    second = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), cfg)
+    second.load_state_dict(state)
+    tail = keys_of(list(second))
+    assert len(head) + len(tail) == len(full) == 60
+    assert sorted(head + tail) == sorted(full)
+
+
+def test_resume_of_an_endless_stream_continues_the_exact_batch_order(synthetic_shards):
+    """Training streams forever; resumption rotates workers so batches come in the uninterrupted order."""
+    cfg = ReaderConfig(batch_size=4, num_workers=2, shuffle_buffer=8, seed=9)
+    make = lambda: make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), cfg)  # noqa: E731
+
+    def take(loader, n):
+        out = []
+        for batch in loader:
+            out.append(batch["keys"])
+            if len(out) == n:
+                return out
+
+    reference = take(make(), 40)  # crosses epochs
+    first = make()
+    head = take(first, 17)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    assert head + take(second, 23) == reference
+
+
+def test_state_from_another_layout_is_refused(synthetic_shards):
+    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), ReaderConfig(num_workers=2))
+    state = loader.state_dict()
+    other = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), ReaderConfig(num_workers=1))
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+def test_sources_mix_with_weights(tmp_path):
+    for name, mods in (("text", "text"), ("image", "image")):
+        run_module("opt_ds.data.build_shards", "synthetic", "--num", "300", "--modalities", mods,
+                   "--out", str(tmp_path / name), "--quiet", "--seed", "1" if name == "text" else "2")
+    loader = make_loader([SourceConfig("text", str(tmp_path / "text"), 3.0), SourceConfig("image", str(tmp_path / "image"), 1.0)],
+                         DecodeConfig(), ReaderConfig(batch_size=10, num_workers=0))
+    sources: Counter[str] = Counter()
+    for i, batch in enumerate(loader):
+        sources.update(batch["sources"])
+        for j, src in enumerate(batch["sources"]):
+            assert bool(batch["has_text"][j]) == (src == "text") and bool(batch["has_image"][j]) == (src == "image")
+        if i == 39:
+            break
+    assert 0.68 < sources["text"] / 400 < 0.82
+
+
+# --- shards from other tools, and bad input ------------------------------------------------------
+
+def test_img2dataset_and_audio_caption_shards_load_unchanged(tmp_path):
+    img2dataset = write_tar(tmp_path / "00000.tar", [
+        ("000000000.jpg", image_bytes()), ("000000000.txt", b"a red rectangle"),
+        ("000000000.json", json.dumps({"url": "http://x/y.jpg", "key": "000000000", "status": "success", "width": 40}).encode()),
+        ("000000001.jpg", image_bytes((64, 64))), ("000000001.txt", b"another one"),
+        ("000000001.json", json.dumps({"url": "http://x/z.jpg", "key": "000000001"}).encode()),
+    ])
+    audio_caption = write_tar(tmp_path / "audio-00000.tar", [
+        ("clip_a.flac", audio_bytes("flac")), ("clip_a.json", json.dumps({"text": "a dog barks", "duration": 0.5}).encode()),
+        ("clip_b.flac", audio_bytes("flac")), ("clip_b.json", json.dumps({"text": "rain falls"}).encode()),
+    ])
+    (b,), _ = read_all(str(img2dataset))
+    assert b["has_image"].all() and b["has_text"].all() and not b["has_audio"].any()
+    assert b["captions"] == ["a red rectangle", "another one"]
+    (b,), _ = read_all(str(audio_caption))
+    assert b["has_audio"].all() and not b["has_image"].any() and b["captions"] == ["a dog barks", "rain falls"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/opt_ds_unpickled"),))
+
+
+def test_bad_input_is_skipped_and_counted(tmp_path):
+    good = synthetic_sample(0)
+    Path("/tmp/opt_ds_unpickled").unlink(missing_ok=True)
+    members = [(f"good.{ext}", data) for ext, data in good.items() if ext != "__key__"]
+    members += [
+        ("badjpg.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("badjpg.txt", b"caption survives"),
+        ("badwav.wav", b"RIFF....WAVEfmt garbage"),
+        ("emptycap.txt", b"   \n"),
+        ("bomb.png", image_bytes((3000, 3000), fmt="PNG")), ("bomb.txt", b"too many pixels"),
+        ("pickled.pyd", pickle.dumps(_Exploit())), ("pickled.pth", pickle.dumps(_Exploit())),
+    ]
+    write_tar(tmp_path / "bad-0.tar", members)
+    # members of 512 header + 2048 data bytes: cut one inside member 5's data, one at member 8's header
+    full = write_tar(tmp_path / "whole.tar", [(f"t{i}.txt", f"caption {i:02d}".encode() * 200) for i in range(20)]).read_bytes()
+    (tmp_path / "bad-1.tar").write_bytes(full[: 5 * 2560 + 1000])
+    (tmp_path / "bad-2.tar").write_bytes(full[: 8 * 2560])
+    (tmp_path / "whole.tar").unlink()
+
+    loader = make_loader([SourceConfig("s", str(tmp_path / "bad-{0..2}.tar"))],
+                         DecodeConfig(max_image_pixels=1_000_000), ReaderConfig(batch_size=64, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0))
+    keys = keys_of(list(loader))
+    skips = loader.skip_counts()
+    assert "good" in keys and "badjpg" in keys and "bomb" in keys  # text part survives
+    assert "badwav" not in keys and "emptycap" not in keys and "pickled" not in keys
+    assert skips["bad_image"] == 1 and skips["oversize_image"] == 1 and skips["bad_audio"] == 1
+    assert skips["empty_caption"] == 1 and skips["no_usable_modality"] == 3
+    assert skips["tar_error"] >= 1 and skips["truncated_tar"] == 2
+    assert sum(k.startswith("t") for k in keys) == 5 + 8  # what preceded each cut is kept
+    assert not Path("/tmp/opt_ds_unpickled").exists()
+
+
+def test_oversize_sample_is_skipped(synthetic_shards):
+    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(max_sample_bytes=1000),
+                         ReaderConfig(batch_size=4, num_workers=0, max_epochs=1))
+    assert list(loader) == [] and loader.skip_counts() == {"oversize_sample": 60}
+
+
+def test_inspect_cli_reports_json(synthetic_shards):
+    proc = run_module("opt_ds.data.inspect", str(synthetic_shards), "--json", "--limit", "25", "--workers", "1")
+    report = json.loads(proc.stdout)
+    assert report["samples"] == 25 and report["by_modalities"] == {"image+text+audio": 25}
+    assert report["shards"] == 6 and report["samples_per_s"] > 0
+    table = run_module("opt_ds.data.inspect", str(synthetic_shards), "--workers", "0").stdout
+    assert "60 samples from 6 shards" in table and "image+text+audio" in table
