@@ -1,0 +1,132 @@
+"""The three uni-modal encoders: BERT (transformers), ViT (timm) and a log-mel audio transformer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from opt_ds.model.config import AudioConfig, TextConfig, VisionConfig, subsampled_length
+from opt_ds.model.layers import Transformer, key_padding_mask, run_blocks
+
+
+# no dropout in any tower: large-data pre-training does without, and it keeps steps reproducible on resume
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def resolve_text_checkpoint(init_from: str) -> Path:
+    if init_from == "minilm":
+        from opt_ds.data.tokenizer import default_tokenizer_dir
+
+        return default_tokenizer_dir()
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text.init_from: {path} is not a local transformers checkpoint (no config.json)")
+    return path
+
+
+class TextEncoder(nn.Module):
+    """BERT without pooler; [CLS] output is the pooled text embedding."""
+
+    def __init__(self, cfg: TextConfig, use_checkpoint: bool = False):
+        super().__init__()
+        if cfg.init_from:
+            path = resolve_text_checkpoint(cfg.init_from)
+            self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True,
+                                                  attn_implementation="sdpa", **NO_DROPOUT)
+            got = self.bert.config
+            if (got.hidden_size, got.num_hidden_layers, got.vocab_size) != (cfg.hidden, cfg.layers, cfg.vocab_size):
+                raise ValueError(
+                    f"text.init_from {path}: checkpoint has hidden={got.hidden_size} layers={got.num_hidden_layers} "
+                    f"vocab={got.vocab_size}; the config says hidden={cfg.hidden} layers={cfg.layers} vocab={cfg.vocab_size}"
+                )
+        else:
+            bert_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                                  num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
+                                  max_position_embeddings=cfg.max_len, attn_implementation="sdpa", **NO_DROPOUT)
+            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+        if use_checkpoint:
+            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # a sample without text still attends to its first (padding) token: no all-masked rows, no NaN
+        first = torch.zeros_like(valid)
+        first[:, 0] = True
+        return self.bert(input_ids=ids, attention_mask=(valid | first).long()).last_hidden_state
+
+
+class VisionEncoder(nn.Module):
+    """timm ViT pieces (patch embedding, blocks, norm) with CLS/position/mask tokens owned here.
+
+    Parameter names follow timm's VisionTransformer, so a timm ViT state dict loads directly.
+    """
+
+    def __init__(self, cfg: VisionConfig, use_checkpoint: bool = False):
+        super().__init__()
+        vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.hidden,
+                                depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, num_classes=0,
+                                class_token=False, pos_embed="none", global_pool="")
+        self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid**2 + 1, cfg.hidden) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        self.use_checkpoint = use_checkpoint
+        if cfg.init_from:
+            self.load_timm_weights(cfg.init_from)
+
+    def load_timm_weights(self, path: str) -> None:
+        from opt_ds.checkpoint_io import load_state_dict_file
+
+        state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(("head.", "fc_norm."))}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "mask_token"]
+        if missing or unexpected:
+            raise ValueError(f"vision.init_from {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B,3,H,W] -> tokens [B, 1+N, D]; patches where patch_mask [B,N] is True become the mask token."""
+        x = self.patch_embed(images)
+        if patch_mask is not None:
+            x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
+        return self.norm(run_blocks(self.blocks, x, self.use_checkpoint))
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel [B,T,M] -> conv subsampling (4x) -> +positions -> transformer; CLS first."""
+
+    def __init__(self, cfg: AudioConfig, use_checkpoint: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.conv_channels
+        self.subsample = nn.Sequential(nn.Conv2d(1, c, 3, 2, 1), nn.GELU(), nn.Conv2d(c, c, 3, 2, 1), nn.GELU())
+        self.input_proj = nn.Linear(c * subsampled_length(cfg.n_mels), cfg.hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_tokens + 1, cfg.hidden) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        self.transformer = Transformer(cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_ratio, use_checkpoint=use_checkpoint)
+
+    def forward(self, fbank: torch.Tensor, frame_valid: torch.Tensor,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens [B, 1+T', D] and their validity [B, 1+T'] (CLS always valid).
+
+        token_mask [B, T'] (True = masked for MAM) replaces subsampled frames with the mask token.
+        """
+        fbank, frame_valid = fbank[:, : self.cfg.max_frames], frame_valid[:, : self.cfg.max_frames]
+        x = self.subsample(fbank.unsqueeze(1))  # [B, C, T', M']
+        x = self.input_proj(x.permute(0, 2, 1, 3).flatten(2))
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], self.mask_token.to(x.dtype), x)
+        token_lengths = subsampled_length(frame_valid.sum(1))
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < token_lengths[:, None]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
+        valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        return self.transformer(x, mask=key_padding_mask(valid)), valid

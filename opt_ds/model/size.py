@@ -1,0 +1,115 @@
+"""Parameters and FLOPs of a ModelConfig, computed analytically (no weights allocated).
+
+FLOPs count multiply-adds as 2 and cover matmuls, convolutions and attention scores; norms, softmax
+and embeddings lookups are ignored. A training step costs 3x the forward FLOPs of what it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opt_ds.model.config import ModelConfig, subsampled_length
+from opt_ds.model.heads import MATCH_CLASSES
+from opt_ds.model.opt import FRAMES_PER_AUDIO_TOKEN
+
+
+def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def _block_params(dim: int, mlp_ratio: float, memory_dim: int | None = None) -> int:
+    hidden = int(dim * mlp_ratio)
+    params = 2 * dim + _linear(dim, 3 * dim) + _linear(dim, dim) + 2 * dim + _linear(dim, hidden) + _linear(hidden, dim)
+    if memory_dim is not None:
+        params += 2 * dim + _linear(dim, dim) + _linear(memory_dim, 2 * dim) + _linear(dim, dim)
+    return params
+
+
+def _block_flops(dim: int, mlp_ratio: float, length: int, memory: tuple[int, int] | None = None) -> int:
+    """Forward FLOPs of one block on `length` tokens; memory = (memory_length, memory_dim)."""
+    hidden = int(dim * mlp_ratio)
+    flops = 2 * length * (3 * dim * dim + dim * dim + 2 * dim * hidden) + 4 * length * length * dim
+    if memory is not None:
+        mem_len, mem_dim = memory
+        flops += 2 * length * 2 * dim * dim + 2 * mem_len * mem_dim * 2 * dim + 4 * length * mem_len * dim
+    return flops
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token counts per component for one sample."""
+
+    text: int
+    image: int
+    audio: int
+
+    @property
+    def fusion(self) -> int:
+        return 1 + self.text + self.image + self.audio
+
+
+def lengths_for(cfg: ModelConfig, text_tokens: int | None = None, audio_frames: int | None = None) -> Lengths:
+    """Defaults: the configured maxima (text.max_len tokens, audio.max_frames frames)."""
+    text = cfg.text.max_len if text_tokens is None else text_tokens
+    frames = cfg.audio.max_frames if audio_frames is None else min(audio_frames, cfg.audio.max_frames)
+    return Lengths(text=text, image=cfg.vision.grid**2 + 1, audio=subsampled_length(frames) + 1)
+
+
+def parameter_count(cfg: ModelConfig) -> dict[str, int]:
+    t, v, a, f = cfg.text, cfg.vision, cfg.audio, cfg.fusion
+    text = (t.vocab_size + t.max_len + 2) * t.hidden + 2 * t.hidden + t.layers * (
+        4 * _linear(t.hidden, t.hidden) + _linear(t.hidden, t.intermediate) + _linear(t.intermediate, t.hidden) + 4 * t.hidden)
+    vision = (_linear(3 * v.patch_size**2, v.hidden) + (v.grid**2 + 3) * v.hidden
+              + v.layers * _block_params(v.hidden, v.mlp_ratio) + 2 * v.hidden)
+    c = a.conv_channels
+    audio = (_linear(9, c) + _linear(9 * c, c) + _linear(c * subsampled_length(a.n_mels), a.hidden)
+             + (a.max_tokens + 3) * a.hidden + a.layers * _block_params(a.hidden, a.mlp_ratio) + 2 * a.hidden)
+    fusion = (_linear(t.hidden, f.hidden) + _linear(v.hidden, f.hidden) + _linear(a.hidden, f.hidden) + 4 * f.hidden
+              + f.layers * _block_params(f.hidden, f.mlp_ratio) + 2 * f.hidden)
+
+    def decoder(d, vocab: int, max_len: int) -> int:
+        return (vocab + max_len) * d.hidden + d.layers * _block_params(d.hidden, d.mlp_ratio, f.hidden) + 2 * d.hidden
+
+    heads = (_linear(f.hidden, t.hidden) + 2 * t.hidden + t.vocab_size  # MLM (decoder weight tied to text)
+             + 2 * f.hidden + _linear(f.hidden, cfg.vq.codebook_size)  # MVM
+             + 2 * f.hidden + _linear(f.hidden, FRAMES_PER_AUDIO_TOKEN * a.n_mels)  # MAM
+             + _linear(f.hidden, f.hidden) + _linear(f.hidden, MATCH_CLASSES)  # matching
+             + sum(_linear(d, cfg.contrastive_dim) for d in (t.hidden, v.hidden, a.hidden)) + 1)  # contrastive
+    counts = {
+        "text": text, "vision": vision, "audio": audio, "fusion": fusion,
+        "text_decoder": decoder(cfg.text_decoder, t.vocab_size, t.max_len),
+        "image_decoder": decoder(cfg.image_decoder, cfg.vq.codebook_size + 1, v.grid**2),
+        "heads": heads,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def forward_flops(cfg: ModelConfig, lengths: Lengths | None = None) -> dict[str, int]:
+    """Forward FLOPs per sample of each component (heads: all of them once)."""
+    n = lengths or lengths_for(cfg)
+    t, v, a, f = cfg.text, cfg.vision, cfg.audio, cfg.fusion
+    text = t.layers * (2 * n.text * (4 * t.hidden**2 + 2 * t.hidden * t.intermediate) + 4 * n.text**2 * t.hidden)
+    patches = v.grid**2
+    vision = 2 * patches * 3 * v.patch_size**2 * v.hidden + v.layers * _block_flops(v.hidden, v.mlp_ratio, n.image)
+    frames = 4 * (n.audio - 1)
+    half = (frames - 1) // 2 + 1
+    mels_half, mels_quarter = (a.n_mels - 1) // 2 + 1, subsampled_length(a.n_mels)
+    c = a.conv_channels
+    audio = (2 * 9 * c * half * mels_half + 2 * 9 * c * c * (n.audio - 1) * mels_quarter
+             + 2 * (n.audio - 1) * c * mels_quarter * a.hidden + a.layers * _block_flops(a.hidden, a.mlp_ratio, n.audio))
+    fusion = (2 * f.hidden * (n.text * t.hidden + n.image * v.hidden + n.audio * a.hidden)
+              + f.layers * _block_flops(f.hidden, f.mlp_ratio, n.fusion))
+
+    def decoder(d, vocab: int, length: int) -> int:
+        return (d.layers * _block_flops(d.hidden, d.mlp_ratio, length, (n.fusion, f.hidden))
+                + 2 * length * d.hidden * vocab)
+
+    heads = (2 * n.text * (f.hidden * t.hidden + t.hidden * t.vocab_size) + 2 * patches * f.hidden * cfg.vq.codebook_size
+             + 2 * (n.audio - 1) * f.hidden * FRAMES_PER_AUDIO_TOKEN * a.n_mels + 2 * f.hidden * (f.hidden + MATCH_CLASSES)
+             + 2 * cfg.contrastive_dim * (t.hidden + v.hidden + a.hidden))
+    out = {"text": text, "vision": vision, "audio": audio, "fusion": fusion,
+           "text_decoder": decoder(cfg.text_decoder, t.vocab_size, n.text),
+           "image_decoder": decoder(cfg.image_decoder, cfg.vq.codebook_size + 1, patches), "heads": heads}
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,67 @@
+"""A plain PyTorch training loop (AdamW, optional bf16 autocast) over the same model and tasks.
+
+The reference the DeepSpeed trainer is measured against, and the quickest way to check that every
+task learns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+
+from opt_ds.model.opt import OPTModel
+from opt_ds.model.vqvae import VQVAE
+from opt_ds.tasks import TASKS, TaskContext, TaskScheduler, step_generator
+
+
+def run_tasks(model: OPTModel, batch: dict, plan: list[tuple[str, float]], ctx: TaskContext,
+              tasks: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of this step's task losses; metrics as floats named task/metric."""
+    total = None
+    metrics: dict[str, float] = {}
+    for name, weight in plan:
+        loss, task_metrics = tasks[name](model, batch, ctx)
+        total = loss * weight if total is None else total + loss * weight
+        metrics[f"{name}/loss"] = float(loss.detach())
+        metrics.update({f"{name}/{k}": float(v) for k, v in task_metrics.items()})
+    return total, metrics
+
+
+def train_plain(model: OPTModel, batches: Iterable[dict], scheduler: TaskScheduler, steps: int, lr: float = 1e-3,
+                image_tokenizer: VQVAE | None = None, bf16: bool = True, seed: int = 0) -> list[dict]:
+    """-> one record per step: step, task metrics, seconds."""
+    tasks = {name: cls() for name, cls in TASKS.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    history = []
+    iterator = iter(batches)
+    for step in range(steps):
+        batch = next(iterator)
+        start = time.perf_counter()
+        _, stage = scheduler.stage(step)
+        ctx = TaskContext(step_generator(seed, step, 0), image_tokenizer, stage.isolate)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, metrics = run_tasks(model, batch, scheduler.plan(step), ctx, tasks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append({"step": step, "seconds": time.perf_counter() - start, **metrics})
+    return history
+
+
+def task_trend(history: list[dict], key: str, window: int = 10) -> tuple[float, float]:
+    """Mean of `key` over its first and last `window` occurrences."""
+    values = [h[key] for h in history if key in h]
+    return sum(values[:window]) / len(values[:window]), sum(values[-window:]) / len(values[-window:])
+
+
+def grouped(history: list[dict]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = defaultdict(list)
+    for h in history:
+        for k, v in h.items():
+            out[k].append(v)
+    return out

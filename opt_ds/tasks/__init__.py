@@ -1,0 +1,20 @@
+"""Pre-training tasks: `loss, metrics = task(model, batch, ctx)`."""
+
+from opt_ds.tasks.base import TaskContext, TextSpecials, step_generator
+from opt_ds.tasks.contrastive import CrossModalContrastive
+from opt_ds.tasks.generation import ImageGeneration, TextGeneration
+from opt_ds.tasks.matching import ModalityMatching
+from opt_ds.tasks.schedule import ScheduleConfig, StageConfig, TaskScheduler
+from opt_ds.tasks.token import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
+
+TASKS = {t.name: t for t in (MaskedLanguageModeling, MaskedVisionModeling, MaskedAudioModeling, TextGeneration,
+                             ImageGeneration, ModalityMatching, CrossModalContrastive)}
+NEEDS_IMAGE_TOKENIZER = {"mvm", "image_gen"}
+
+
+def build_tasks(names) -> dict:
+    return {name: TASKS[name]() for name in names}
+
+
+__all__ = ["TASKS", "NEEDS_IMAGE_TOKENIZER", "build_tasks", "TaskContext", "TextSpecials", "step_generator",
+           "ScheduleConfig", "StageConfig", "TaskScheduler"]

@@ -1,0 +1,102 @@
+"""What every task shares: the per-step context, masking helpers, and graph-stable losses.
+
+Graph stability: under ZeRO-3 every rank must run the same modules in the same order, so a task
+never branches on the data. A rank whose batch holds nothing for a task still runs the same modules
+and gets a zero loss that is connected to the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from opt_ds.model.vqvae import VQVAE
+
+MASK_RATIO = 0.15
+WHOLE_MODALITY_PROB = 0.3
+
+
+@dataclass(frozen=True)
+class TextSpecials:
+    """Ids of the BERT uncased WordPiece vocabulary (the offline default tokenizer)."""
+
+    pad: int = 0
+    cls: int = 101
+    sep: int = 102
+    mask: int = 103
+    first_word: int = 999  # ids below are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
+    vocab_size: int = 30522
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "TextSpecials":
+        return cls(tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id,
+                   min(999, tok.vocab_size - 1), tok.vocab_size)
+
+
+@dataclass
+class TaskContext:
+    """Per-step inputs beyond the batch: random masks come from `generator`, seeded by (seed, step, rank)."""
+
+    generator: torch.Generator
+    image_tokenizer: VQVAE | None = None
+    isolate: bool = False  # MVP stage 1: token-level tasks see only their own modality
+    specials: TextSpecials = TextSpecials()
+
+    def rand(self, *shape: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator).to(device)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_000_007 + step * 65_537 + rank)
+
+
+def choose_mask(candidates: torch.Tensor, ctx: TaskContext, ratio: float = MASK_RATIO,
+                whole_prob: float = WHOLE_MODALITY_PROB) -> torch.Tensor:
+    """Mask round(ratio * candidates) positions per row, at least one; with whole_prob, every candidate."""
+    batch, length = candidates.shape
+    n_cand = candidates.sum(1)
+    n_mask = (n_cand.float() * ratio).round().long().clamp(min=1)
+    whole = ctx.rand(batch, device=candidates.device) < whole_prob
+    n_mask = torch.where(whole, n_cand, torch.minimum(n_mask, n_cand))
+    scores = ctx.rand(batch, length, device=candidates.device).masked_fill(~candidates, 2.0)
+    ranks = scores.argsort(1).argsort(1)
+    return (ranks < n_mask[:, None]) & candidates
+
+
+def bert_corrupt(ids: torch.Tensor, mask: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
+    """80% of masked positions -> [MASK], 10% -> a random word, 10% unchanged."""
+    sp = ctx.specials
+    r = ctx.rand(*ids.shape, device=ids.device)
+    random_words = (ctx.rand(*ids.shape, device=ids.device) * (sp.vocab_size - sp.first_word)).long() + sp.first_word
+    out = torch.where(mask & (r < 0.8), torch.full_like(ids, sp.mask), ids)
+    return torch.where(mask & (r >= 0.8) & (r < 0.9), random_words, out)
+
+
+def text_candidates(batch: dict, ctx: TaskContext) -> torch.Tensor:
+    """Real word positions of samples with text: not padding, [CLS] or [SEP]."""
+    ids = batch["text_ids"]
+    sp = ctx.specials
+    return batch["text_mask"] & batch["has_text"][:, None] & (ids != sp.cls) & (ids != sp.sep) & (ids != sp.pad)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over positions with weight > 0 (zero, still in the graph, if none) and accuracy there."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets, weight = targets.reshape(-1), weight.reshape(-1).float()
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    count = weight.sum()
+    loss = (ce * weight).sum() / count.clamp(min=1)
+    correct = ((logits.argmax(-1) == targets).float() * weight).sum() / count.clamp(min=1)
+    return loss, correct.detach()
+
+
+def masked_select_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], mask [B, L] -> [N, D]; empty rows are fine (the modules still run)."""
+    return x[mask]
+
+
+def zero_if_empty(loss: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """NaN-free loss for an empty selection, still connected to the graph through `anchor`."""
+    return loss if anchor.numel() else anchor.float().sum() * 0.0

@@ -1,0 +1,47 @@
+"""Sample-level modality matching: 5-way classification of the fusion CLS.
+
+Classes (p=0.2 each): 0 matched; 1 image swapped; 2 audio swapped; 3 image and audio swapped together
+from one other sample; 4 image and audio swapped from two different samples. Only samples whose
+own and partner modalities are all present count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opt_ds.model.opt import OPTModel
+from opt_ds.tasks.base import TaskContext, weighted_cross_entropy
+
+MATCHED, IMAGE_SWAPPED, AUDIO_SWAPPED, BOTH_FROM_ONE, BOTH_FROM_TWO = range(5)
+
+
+def swap_sources(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the index its image and its audio come from (neighbours at distance 1 and 2)."""
+    n = labels.shape[0]
+    own = torch.arange(n, device=labels.device)
+    next1, next2 = (own + 1) % n, (own + 2) % n
+    image_from = torch.where((labels == IMAGE_SWAPPED) | (labels == BOTH_FROM_ONE) | (labels == BOTH_FROM_TWO), next1, own)
+    audio_from = torch.where((labels == AUDIO_SWAPPED) | (labels == BOTH_FROM_ONE), next1,
+                             torch.where(labels == BOTH_FROM_TWO, next2, own))
+    return image_from, audio_from
+
+
+class ModalityMatching:
+    name, components = "matching", ("text", "vision", "audio", "fusion", "heads")
+
+    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
+        n = batch["image"].shape[0]
+        labels = (ctx.rand(n, device=batch["image"].device) * 5).long().clamp(max=4)
+        if n < 3:  # two distinct other samples need a batch of three
+            labels = torch.where(labels == BOTH_FROM_TWO, torch.full_like(labels, BOTH_FROM_ONE), labels)
+        image_from, audio_from = swap_sources(labels)
+        swapped = dict(batch)
+        swapped.update(image=batch["image"][image_from], has_image=batch["has_image"][image_from],
+                       audio=batch["audio"][audio_from], audio_mask=batch["audio_mask"][audio_from],
+                       has_audio=batch["has_audio"][audio_from])
+        triplet = batch["has_text"] & batch["has_image"] & batch["has_audio"]
+        weight = triplet & swapped["has_image"] & swapped["has_audio"] & (n > 1)
+        _, fused = model.encode(swapped)
+        logits = model.matching_head(fused.tokens[:, 0])
+        loss, acc = weighted_cross_entropy(logits, labels, weight)
+        return loss, {"acc": acc, "samples": weight.sum().float()}

@@ -1,0 +1,190 @@
+"""Pre-training tasks: masking rules, losses and gradients, graph identity across data mixes, schedules, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
+from opt_ds.model.config import load_model_config
+from opt_ds.model.opt import OPTModel
+from opt_ds.model.vqvae import VQVAE
+from opt_ds.plain_loop import task_trend, train_plain
+from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, step_generator
+from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
+from opt_ds.tasks.matching import swap_sources
+
+EXPECTED_GRADS = {  # a parameter of each of these must get a non-zero gradient from the task
+    "mlm": ["text", "vision", "audio", "fusion", "mlm_head"],
+    "mvm": ["text", "vision", "audio", "fusion", "mvm_head"],
+    "mam": ["text", "vision", "audio", "fusion", "mam_head"],
+    "text_gen": ["vision", "audio", "fusion", "text_decoder"],
+    "image_gen": ["text", "audio", "fusion", "image_decoder"],
+    "matching": ["text", "vision", "audio", "fusion", "matching_head"],
+    "contrastive": ["text", "vision", "audio", "contrastive_head"],
+}
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_shards):
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny")
+    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(max_audio_seconds=2.0),
+                         ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0))
+    return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), next(iter(loader))
+
+
+def ctx_for(vq, step=0, isolate=False):
+    return TaskContext(step_generator(0, step, 0), vq, isolate)
+
+
+def test_mask_ratio_at_least_one_and_whole_modality():
+    ctx = ctx_for(None)
+    candidates = torch.zeros(2000, 40, dtype=torch.bool)
+    lengths = torch.randint(1, 41, (2000,), generator=torch.Generator().manual_seed(0))
+    candidates[torch.arange(40)[None, :] < lengths[:, None]] = True
+    mask = choose_mask(candidates, ctx)
+    counts, n = mask.sum(1), candidates.sum(1)
+    assert not (mask & ~candidates).any() and (counts >= 1).all()
+    whole = counts == n
+    partial = ~whole
+    assert 0.25 < whole[n >= 10].float().mean() < 0.35  # modality-level masking, p=0.3
+    assert torch.equal(counts[partial & (n >= 10)], (n[partial & (n >= 10)] * 0.15).round().long())
+
+
+def test_bert_corruption_80_10_10():
+    ctx = ctx_for(None)
+    ids = torch.full((400, 50), 5000)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 25:] = False
+    out = bert_corrupt(ids, mask, ctx)
+    assert torch.equal(out[:, 25:], ids[:, 25:])
+    masked = out[:, :25]
+    frac_mask = (masked == 103).float().mean()
+    frac_keep = (masked == 5000).float().mean()
+    assert 0.77 < frac_mask < 0.83 and 0.08 < frac_keep < 0.12 and (masked >= 999).all() | (masked == 103).any()
+
+
+def test_mlm_never_masks_special_or_padding(setup):
+    cfg, model, vq, batch = setup
+    cand = text_candidates(batch, ctx_for(vq))
+    ids = batch["text_ids"]
+    assert not cand[ids == 101].any() and not cand[ids == 102].any() and not cand[~batch["text_mask"]].any()
+    assert (cand.sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_loss_is_finite_and_reaches_its_parameters(setup, name):
+    cfg, model, vq, batch = setup
+    model.zero_grad(set_to_none=True)
+    loss, metrics = TASKS[name]()(model, batch, ctx_for(vq))
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert all(isinstance(float(v), float) for v in metrics.values())
+    loss.backward()
+    reached = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert set(EXPECTED_GRADS[name]) <= reached, set(EXPECTED_GRADS[name]) - reached
+
+
+def _modules_run(model, fn) -> list[str]:
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _i: order.append(names[mod])) for m in model.modules()]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_data_mix_runs_the_same_modules(setup, name):
+    """ZeRO-3 gathers parameters module by module: a rank with only text must run what a triplet rank runs."""
+    cfg, model, vq, batch = setup
+    text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]),
+                     audio_mask=torch.zeros_like(batch["audio_mask"]))
+    runs = []
+    for b in (batch, text_only):
+        def step():
+            loss, _ = TASKS[name]()(model, b, ctx_for(vq))
+            assert torch.isfinite(loss)
+            loss.backward()
+        runs.append(_modules_run(model, step))
+    assert runs[0] == runs[1]
+
+
+def test_unpaired_batches_give_zero_loss_for_tasks_that_do_not_apply(setup):
+    cfg, model, vq, batch = setup
+    text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]))
+    for name in ("mvm", "mam", "matching", "text_gen", "image_gen"):
+        loss, _ = TASKS[name]()(model, text_only, ctx_for(vq))
+        assert loss.item() == 0.0, name
+    loss, _ = TASKS["mlm"]()(model, text_only, ctx_for(vq))
+    assert loss.item() > 0
+
+
+def test_isolated_stage_hides_the_other_modalities(setup):
+    """Stage 1 (uni-modal): MLM must not see image or audio, so changing them changes nothing."""
+    cfg, model, vq, batch = setup
+    other = dict(batch, image=torch.randn_like(batch["image"]), audio=torch.randn_like(batch["audio"]))
+    with torch.no_grad():
+        a, _ = TASKS["mlm"]()(model, batch, ctx_for(vq, isolate=True))
+        b, _ = TASKS["mlm"]()(model, other, ctx_for(vq, isolate=True))
+        c, _ = TASKS["mlm"]()(model, other, ctx_for(vq, isolate=False))
+    assert a.item() == pytest.approx(b.item(), abs=1e-5) and a.item() != pytest.approx(c.item(), abs=1e-5)
+
+
+def test_matching_swaps():
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    image_from, audio_from = swap_sources(labels)
+    assert image_from.tolist() == [0, 2, 2, 4, 0] and audio_from.tolist() == [0, 1, 3, 4, 1]
+
+
+def test_scheduler_draw_depends_only_on_seed_and_step_and_follows_stages():
+    cfg = ScheduleConfig(mode="sample", seed=3, stages=[
+        StageConfig("unimodal", {"mlm": 1.0, "mvm": 1.0, "mam": 1.0}, until_step=100, isolate=True),
+        StageConfig("crossmodal", {"mlm": 1.0, "contrastive": 3.0})])
+    a, b = TaskScheduler(cfg, set(TASKS)), TaskScheduler(cfg, set(TASKS))
+    plans = [a.plan(s) for s in range(400)]
+    assert plans == [b.plan(s) for s in range(400)]
+    assert {p[0][0] for p in plans[:100]} == {"mlm", "mvm", "mam"} and a.stage(99)[1].isolate
+    late = [p[0][0] for p in plans[100:]]
+    assert set(late) == {"mlm", "contrastive"} and 0.68 < late.count("contrastive") / 300 < 0.82
+    summed = TaskScheduler(ScheduleConfig(mode="sum", stages=cfg.stages), set(TASKS))
+    assert summed.plan(150) == [("contrastive", 3.0), ("mlm", 1.0)]
+    a.load_state_dict(b.state_dict())
+    with pytest.raises(ValueError, match="differs"):
+        summed.load_state_dict(a.state_dict())
+
+
+def test_schedule_config_errors():
+    with pytest.raises(ValueError, match="unknown task 'mlmm'"):
+        TaskScheduler(ScheduleConfig(stages=[StageConfig("x", {"mlmm": 1.0})]), set(TASKS))
+    with pytest.raises(ValueError, match="only the last stage"):
+        ScheduleConfig(stages=[StageConfig("x", {"mlm": 1.0}), StageConfig("y", {"mlm": 1.0}, until_step=5)])
+    with pytest.raises(ValueError, match="mode"):
+        ScheduleConfig(mode="round_robin")
+
+
+@pytest.mark.slow
+def test_training_drives_every_loss_down_and_retrieval_above_chance(tmp_path):
+    """300 plain-PyTorch steps on agreeing synthetic triplets, all seven tasks drawn per step."""
+    from conftest import run_module
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "1200", "--max-samples", "200",
+               "--out", str(tmp_path), "--quiet")
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny")
+    model, vq = OPTModel(cfg), VQVAE(cfg.vq).eval()
+    loader = make_loader([SourceConfig("t", str(tmp_path))], DecodeConfig(max_audio_seconds=2.0),
+                         ReaderConfig(batch_size=16, num_workers=1))
+    weights = {name: 1.0 for name in TASKS} | {"contrastive": 3.0}
+    scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), set(TASKS))
+    history = train_plain(model, loader, scheduler, steps=300, lr=3e-4, image_tokenizer=vq)
+    for name in TASKS:
+        first, last = task_trend(history, f"{name}/loss", window=8)
+        assert last < first, f"{name}: loss {first:.3f} -> {last:.3f}"
+    chance = 1 / 16
+    for pair in ("text_image", "text_audio", "image_audio"):
+        _, acc = task_trend(history, f"contrastive/{pair}_acc", window=15)
+        assert acc > 2.5 * chance, f"{pair} in-batch retrieval {acc:.3f} vs chance {chance:.3f}"
