@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from functools import partial
 from typing import Iterable
 
 import torch
 
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
-from opt_ds.tasks import TASKS, TaskContext, TaskScheduler, step_generator
-
-
-def run_tasks(model: OPTModel, batch: dict, plan: list[tuple[str, float]], ctx: TaskContext,
-              tasks: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of this step's task losses; metrics as floats named task/metric."""
-    total = None
-    metrics: dict[str, float] = {}
-    for name, weight in plan:
-        loss, task_metrics = tasks[name](model, batch, ctx)
-        total = loss * weight if total is None else total + loss * weight
-        metrics[f"{name}/loss"] = float(loss.detach())
-        metrics.update({f"{name}/{k}": float(v) for k, v in task_metrics.items()})
-    return total, metrics
+from opt_ds.tasks import TASKS, TaskContext, TaskScheduler, run_tasks, step_generator
 
 
 def train_plain(model: OPTModel, batches: Iterable[dict], scheduler: TaskScheduler, steps: int, lr: float = 1e-3,
@@ -44,7 +32,7 @@ def train_plain(model: OPTModel, batches: Iterable[dict], scheduler: TaskSchedul
         _, stage = scheduler.stage(step)
         ctx = TaskContext(step_generator(seed, step, 0), image_tokenizer, stage.isolate)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, metrics = run_tasks(model, batch, scheduler.plan(step), ctx, tasks)
+            loss, metrics = model(partial(run_tasks, batch=batch, plan=scheduler.plan(step), ctx=ctx, tasks=tasks))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

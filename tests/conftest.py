@@ -36,3 +36,33 @@ def synthetic_shards(tmp_path_factory) -> Path:
     run_module("opt_ds.data.build_shards", "synthetic", "--num", "60", "--max-samples", "10",
                "--out", str(out), "--quiet", "--audio-seconds", "1.0")
     return out
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a (multi-process) command in its own session; on timeout kill the whole group, never leave ranks behind."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-5000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a failed run
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def train_ranks(ranks: int, *args: str, timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module opt_ds.train ...` on a free port (CPU: N ranks, gloo)."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           "--module", "opt_ds.train", *args]
+    proc = run_bounded(cmd, timeout)
+    if proc.returncode != expect:
+        raise AssertionError(f"training exited {proc.returncode}, expected {expect}:\n{proc.stdout[-6000:]}")
+    return proc

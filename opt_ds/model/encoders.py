@@ -47,7 +47,7 @@ class TextEncoder(nn.Module):
             bert_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                                   num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
                                   max_position_embeddings=cfg.max_len, attn_implementation="sdpa", **NO_DROPOUT)
-            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+            self.bert = BertModel._from_config(bert_cfg, add_pooling_layer=False)  # ZeRO-3-aware init path
         if use_checkpoint:
             self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 

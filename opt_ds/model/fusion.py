@@ -11,6 +11,7 @@ from opt_ds.model.config import StackConfig
 from opt_ds.model.layers import Transformer, key_padding_mask
 
 MODALITY_TYPES = {"cls": 0, "text": 1, "image": 2, "audio": 3}
+MODALITY_ORDER = ("text", "image", "audio")
 
 
 @dataclass
@@ -33,21 +34,29 @@ class CrossModalEncoder(nn.Module):
         self.type_embed = nn.Embedding(len(MODALITY_TYPES), cfg.hidden)
         self.transformer = Transformer(cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_ratio, use_checkpoint=use_checkpoint)
 
-    def forward(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Fused:
-        """parts: modality -> (tokens [B, L, D_m], valid [B, L]), in the order text, image, audio."""
-        batch = next(iter(parts.values()))[0].shape[0]
-        device = next(iter(parts.values()))[0].device
+    def forward(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """parts: modality -> (tokens [B, L, D_m], valid [B, L]) -> (tokens [B, S, D], valid [B, S]).
+
+        Plain tensors in and out: ZeRO-3's backward hooks must see them.
+        """
+        first = parts["text"][0]
+        batch, device = first.shape[0], first.device
         cls_type = torch.zeros(batch, 1, dtype=torch.long, device=device)
         pieces = [self.type_embed(cls_type)]
         valids = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
-        spans, start = {}, 1
-        for name in ("text", "image", "audio"):
+        for name in MODALITY_ORDER:
             tokens, valid = parts[name]
             types = torch.full(tokens.shape[:2], MODALITY_TYPES[name], dtype=torch.long, device=device)
             pieces.append(self.proj[name](tokens) + self.type_embed(types))
             valids.append(valid)
-            spans[name] = slice(start, start + tokens.shape[1])
-            start += tokens.shape[1]
-        x = torch.cat(pieces, dim=1)
         valid = torch.cat(valids, dim=1)
-        return Fused(self.transformer(x, mask=key_padding_mask(valid)), valid, spans)
+        return self.transformer(torch.cat(pieces, dim=1), mask=key_padding_mask(valid)), valid
+
+
+def spans(lengths: dict[str, int]) -> dict[str, slice]:
+    """Where each modality's tokens sit in the fused sequence (after the fusion CLS)."""
+    out, start = {}, 1
+    for name in MODALITY_ORDER:
+        out[name] = slice(start, start + lengths[name])
+        start += lengths[name]
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -10,10 +11,11 @@ from torch import nn
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.decoders import TokenDecoder
 from opt_ds.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
-from opt_ds.model.fusion import CrossModalEncoder, Fused
+from opt_ds.model.fusion import CrossModalEncoder, Fused, spans
 from opt_ds.model.heads import ContrastiveHead, LinearHead, MatchingHead, MLMHead
 
 FRAMES_PER_AUDIO_TOKEN = 4
+T = TypeVar("T")
 COMPONENTS = ("text", "vision", "audio", "fusion", "text_decoder", "image_decoder", "heads")
 
 
@@ -48,6 +50,10 @@ class OPTModel(nn.Module):
         self.contrastive_head = ContrastiveHead(
             {"text": cfg.text.hidden, "image": cfg.vision.hidden, "audio": cfg.audio.hidden}, cfg.contrastive_dim)
 
+    def forward(self, run: Callable[["OPTModel"], T]) -> T:
+        """The engine's entry point: `run(model)` calls the task code, so DeepSpeed sees one forward per step."""
+        return run(self)
+
     @property
     def image_bos(self) -> int:
         return self.cfg.vq.codebook_size
@@ -75,8 +81,10 @@ class OPTModel(nn.Module):
             take = batch[f"has_{m}"] & keep.get(m, torch.ones_like(batch[f"has_{m}"]))
             return tokens, valid & take[:, None]
         image_valid = torch.ones(uni.image.shape[:2], dtype=torch.bool, device=uni.image.device)
-        return self.fusion({"text": part("text", uni.text, uni.text_valid), "image": part("image", uni.image, image_valid),
-                            "audio": part("audio", uni.audio, uni.audio_valid)})
+        parts = {"text": part("text", uni.text, uni.text_valid), "image": part("image", uni.image, image_valid),
+                 "audio": part("audio", uni.audio, uni.audio_valid)}
+        tokens, valid = self.fusion(parts)
+        return Fused(tokens, valid, spans({m: t.shape[1] for m, (t, _) in parts.items()}))
 
     def encode(self, batch: dict, keep: dict[str, torch.Tensor] | None = None, **masks) -> tuple[Unimodal, Fused]:
         uni = self.unimodal(batch, **masks)

@@ -48,8 +48,15 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(size))
         self.register_buffer("embed_sum", torch.zeros(size, dim))
 
+    def keep_fp32(self) -> None:
+        """Engines that cast modules to bf16 cast buffers too (through .data); EMA statistics need fp32."""
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, D] -> nearest code index [N]."""
+        self.keep_fp32()
         distances = (z.pow(2).sum(1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(1)[None])
         return distances.argmin(1)
 
@@ -126,5 +133,6 @@ class VQVAE(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, grid*grid] -> images [B,3,H,W] (normalised like the inputs)."""
         g = self.cfg.grid
+        self.quantizer.keep_fp32()
         z = F.embedding(codes.view(-1, g, g), self.quantizer.embed).permute(0, 3, 1, 2)
         return self.decoder(z.to(self.decoder[0].weight.dtype))

@@ -4,6 +4,7 @@ from opt_ds.tasks.base import TaskContext, TextSpecials, step_generator
 from opt_ds.tasks.contrastive import CrossModalContrastive
 from opt_ds.tasks.generation import ImageGeneration, TextGeneration
 from opt_ds.tasks.matching import ModalityMatching
+from opt_ds.tasks.runner import run_tasks
 from opt_ds.tasks.schedule import ScheduleConfig, StageConfig, TaskScheduler
 from opt_ds.tasks.token import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
 
@@ -16,5 +17,5 @@ def build_tasks(names) -> dict:
     return {name: TASKS[name]() for name in names}
 
 
-__all__ = ["TASKS", "NEEDS_IMAGE_TOKENIZER", "build_tasks", "TaskContext", "TextSpecials", "step_generator",
+__all__ = ["run_tasks", "TASKS", "NEEDS_IMAGE_TOKENIZER", "build_tasks", "TaskContext", "TextSpecials", "step_generator",
            "ScheduleConfig", "StageConfig", "TaskScheduler"]

@@ -1,0 +1,153 @@
+"""The experiment config: one validated YAML file (+ `--set key=value` overrides) for a whole run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.stream import ReaderConfig, SourceConfig
+from opt_ds.dataclass_config import ConfigError, from_dict, to_dict
+from opt_ds.tasks.schedule import ScheduleConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+STAGES = ("pretrain", "vqvae")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: list[SourceConfig]
+    eval_shards: str | None = None  # held-out shards for retrieval and generation
+    eval_samples: int = 256
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when data.eval_shards is set)
+    save_every: int = 500  # 0: only at the end
+    keep_last: int = 3
+    seed: int = 0
+    gradient_accumulation: int = 1
+    grad_clip: float = 1.0
+    generations: int = 4  # captions and images logged per evaluation
+    log_sample_keys: bool = False  # write the keys of every consumed sample to logs/keys_rank*.jsonl
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "keep_last", "gradient_accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig
+    stage: str = "pretrain"
+    model: str = "tiny"  # a named model config or a YAML path
+    model_overrides: dict = field(default_factory=dict)
+    image_tokenizer: str | None = None  # an exported VQ-VAE (.safetensors) for MVM and image generation
+    deepspeed: str = "ds_configs/zero3_bf16.json"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got '{self.stage}'")
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.setdefault(key, {}), dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a mapping")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (configs and ds_configs ship there)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    for base in (REPO_ROOT, CONFIGS_DIR):
+        if (base / p).exists():
+            return base / p
+    return p
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    config_path = resolve_path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    return from_dict(ExperimentConfig, data, where=config_path.name)
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)
+
+
+def load_deepspeed_config(cfg: ExperimentConfig) -> dict:
+    """The DeepSpeed JSON with batch sizes, accumulation and clipping filled in from the experiment config."""
+    path = resolve_path(cfg.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed config not found: {cfg.deepspeed}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    ds = copy.deepcopy({k: v for k, v in ds.items() if not k.startswith("_")})  # "_comment" keys
+    for forbidden in ("optimizer", "scheduler"):
+        if forbidden in ds:
+            raise ConfigError(f"{path}: remove the '{forbidden}' section; opt_ds builds it from the 'optim' config")
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.reader.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

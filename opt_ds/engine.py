@@ -1,0 +1,109 @@
+"""Build the DeepSpeed engine: the model under zero.Init (ZeRO-3), parameter groups, optimizer, LR schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import deepspeed
+import torch
+from torch import nn
+
+from opt_ds.config import ExperimentConfig, OptimConfig
+from opt_ds.model.config import ModelConfig
+from opt_ds.model.opt import OPTModel
+from opt_ds.model.vqvae import VQVAE
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def build_module(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict) -> tuple[nn.Module, object]:
+    """The trained module, built partitioned under ZeRO-3; -> (module, keep-alive handle for HF's ZeRO-3 path)."""
+    hf_handle = None
+    context = contextlib.nullcontext()
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_handle = HfDeepSpeedConfig(ds_config)  # lets transformers initialise BERT inside zero.Init correctly
+        context = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    with context:
+        module = VQVAE(model_cfg.vq) if cfg.stage == "vqvae" else OPTModel(model_cfg)
+    return module, hf_handle
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings of positions/types and other 1-d parameters."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        skip = ndim < 2 or name.endswith(".bias") or "norm" in name or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(groups: list[dict], optim: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:
+    """FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch AdamW otherwise (all AdamW)."""
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine down to min_lr_ratio at total_steps."""
+    warmup = max(0, min(optim.warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict):
+    """-> (engine, lr_scheduler, hf_handle); keep hf_handle alive for the run."""
+    module, hf_handle = build_module(cfg, model_cfg, ds_config)
+    optimizer = build_optimizer(parameter_groups(module, cfg.optim.weight_decay), cfg.optim, ds_config)
+    factor = warmup_cosine(cfg.optim, cfg.train.steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    return engine, scheduler, hf_handle
+
+
+def compute_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to the device; floating ones to the compute dtype (DeepSpeed does not cast inputs)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out

@@ -1,0 +1,170 @@
+"""Training metrics: throughput, model FLOPs and MFU, memory, data wait; TensorBoard and summary.json (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import psutil
+import torch
+
+from opt_ds.distributed import all_gather_object, all_reduce
+from opt_ds.model.config import ModelConfig
+from opt_ds.model.size import forward_flops, lengths_for
+
+# dense bf16 tensor-core peaks (TFLOP/s) by device name fragment
+CUDA_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def cuda_peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name()
+    for key, peak in CUDA_BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def measure_matmul_peak_tflops(size: int = 2048, seconds: float = 1.0, threads: int | None = None) -> float:
+    """Achieved bf16 matmul TFLOP/s of this device (all cores on CPU): the denominator of MFU on CPU."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+        for _ in range(2):
+            a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        return 2 * size**3 * n / (time.perf_counter() - start) / 1e12
+    finally:
+        torch.set_num_threads(old)
+
+
+def step_flops(model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]], batch: dict) -> float:
+    """Training FLOPs of one micro-batch on this rank: 3x the forward FLOPs of the components each task runs."""
+    text_tokens = batch["text_ids"].shape[1]
+    frames = batch["audio"].shape[1]
+    fwd = forward_flops(model_cfg, lengths_for(model_cfg, text_tokens, frames))
+    per_sample = sum(fwd[c] for name, _ in plan for c in tasks[name].components)
+    return 3.0 * per_sample * batch["text_ids"].shape[0]
+
+
+def modality_tokens(batch: dict) -> dict[str, float]:
+    return {
+        "text": float(batch["text_mask"].sum()),
+        "image": float(batch["has_image"].sum()) * float(batch["image"].shape[-1] ** 2),  # pixels
+        "audio": float(batch["audio_mask"].sum()),  # 10 ms frames
+    }
+
+
+class MetricWindow:
+    """Accumulates per-step numbers between log steps; reduces across ranks when logging."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.counts: Counter[str] = Counter()
+        self.tasks: Counter[str] = Counter()
+        self.steps = 0
+        self.samples = 0.0
+        self.flops = 0.0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add_step(self, metrics: dict[str, float], total_loss: float, plan, samples: int, flops: float,
+                 tokens: dict[str, float], data_wait: float) -> None:
+        self.steps += 1
+        for k, v in metrics.items():
+            self.values[k].append(v)
+        self.values["loss/total"].append(total_loss)
+        for name, _ in plan:
+            self.tasks[name] += 1
+        self.samples += samples
+        self.flops += flops
+        self.counts.update(tokens)
+        self.data_wait += data_wait
+
+    def reduce(self, world_size: int, peak_tflops: float) -> dict[str, float]:
+        """Collective: global throughput, MFU, memory and data-wait; per-task means as seen on this rank."""
+        elapsed = time.perf_counter() - self.start
+        keys = ["text", "image", "audio"]
+        totals = all_reduce([self.samples, self.flops] + [self.counts[k] for k in keys])
+        rss = psutil.Process().memory_info().rss / 2**20
+        cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        wait_max, rss_max, cuda_max = all_reduce([self.data_wait / max(elapsed, 1e-9), rss, cuda], "max")
+        out = {k: sum(v) / len(v) for k, v in self.values.items()}
+        tflops = totals[1] / elapsed / 1e12
+        out.update({
+            "perf/samples_per_s": totals[0] / elapsed,
+            "perf/tflops": tflops,
+            "perf/mfu": tflops / peak_tflops if peak_tflops else 0.0,
+            "perf/data_wait_frac": wait_max,
+            "perf/step_time_s": elapsed / max(self.steps, 1),
+            "memory/rss_mb_max_rank": rss_max,
+        })
+        for k, total in zip(keys, totals[2:]):
+            out[f"perf/{k}_tokens_per_s"] = total / elapsed
+        if torch.cuda.is_available():
+            out["memory/cuda_max_allocated_mb"] = cuda_max
+        for name, n in self.tasks.items():
+            out[f"schedule/task_frac/{name}"] = n / max(self.steps, 1)
+        return out
+
+
+def global_skip_counts(loader) -> dict[str, float]:
+    """Collective: bad-input counters summed over ranks."""
+    merged: Counter[str] = Counter()
+    for counts in all_gather_object(loader.skip_counts()):
+        merged.update(counts)
+    return {f"data/skipped/{k}": float(v) for k, v in sorted(merged.items())}
+
+
+class Reporter:
+    """TensorBoard scalars/text/images and summary.json; a no-op except on rank 0."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.active = rank == 0
+        self.summary_path = run_dir / "summary.json"
+        self.summary: dict = {}
+        self.writer = None
+        if self.active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def scalars(self, step: int, values: dict[str, float], group: str = "train") -> None:
+        if not self.active:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.summary[group] = {k: round(v, 6) for k, v in values.items()}
+        self.summary["step"] = step
+        self.write_summary()
+
+    def text(self, step: int, tag: str, lines: list[str]) -> None:
+        if self.active:
+            self.writer.add_text(tag, "\n\n".join(lines), step)
+
+    def images(self, step: int, tag: str, images: torch.Tensor) -> None:
+        if self.active:
+            self.writer.add_images(tag, images.float().clamp(0, 1), step)
+
+    def write_summary(self) -> None:
+        tmp = self.summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.summary, "time": time.time()}, indent=1))
+        os.replace(tmp, self.summary_path)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

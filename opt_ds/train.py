@@ -1,0 +1,107 @@
+"""Pre-train OPT (or its VQ-VAE image tokenizer) with DeepSpeed.
+
+    python -m opt_ds.train --config opt_ds/configs/demo.yaml --output runs/demo
+    deepspeed --num_gpus 8 --module opt_ds.train --config ... --output ... --resume auto
+    torchrun / srun / mpirun: see README ("Running on a cluster")
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from opt_ds import checkpoint
+from opt_ds.config import config_to_yaml, load_config, load_deepspeed_config
+from opt_ds.data.stream import make_loader
+from opt_ds.data.tokenizer import load_tokenizer
+from opt_ds.dataclass_config import ConfigError
+from opt_ds.distributed import device, init_distributed
+from opt_ds.engine import build_engine
+from opt_ds.model.config import load_model_config
+from opt_ds.steps import PretrainStep, TokenizerStep, load_image_tokenizer, needs_image_tokenizer
+from opt_ds.tasks import TASKS, TaskScheduler, TextSpecials
+from opt_ds.trainer import Trainer
+
+log = logging.getLogger("opt_ds.train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m opt_ds.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (e.g. opt_ds/configs/demo.yaml)")
+    parser.add_argument("--output", required=True, help="run directory: config.yaml, tb/, checkpoints/, logs/, summary.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a checkpoint dir")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="checkpoint and exit (status 75, resumable) after STEP, e.g. to split a run into jobs")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def setup_run_dir(output: str, rank: int, cfg) -> Path:
+    run_dir = Path(output)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # bad configs fail here, before any process group or model exists
+        cfg = load_config(args.config, args.set)
+        model_cfg = load_model_config(cfg.model, cfg.model_overrides)
+        scheduler = TaskScheduler(cfg.schedule, set(TASKS))
+        ds_config = load_deepspeed_config(cfg)
+        loader_check = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader)  # shard specs checked
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"opt_ds.train: config error: {exc}", file=sys.stderr)
+        return 2
+    del loader_check
+
+    rank, _, world_size = init_distributed()
+    run_dir = setup_run_dir(args.output, rank, cfg)
+    log.info("world of %d; model %s; stage %s; %s", world_size, model_cfg.name, cfg.stage, cfg.deepspeed)
+
+    resume_from = checkpoint.find_resume(run_dir / "checkpoints", args.resume)
+    universal = resume_from is not None and checkpoint.read_meta(resume_from)["world_size"] != world_size
+    if universal:
+        checkpoint.convert_to_universal(resume_from, rank)
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, lr_scheduler, _hf_keepalive = build_engine(cfg, model_cfg, ds_config)
+    loader = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader, rank, world_size)
+
+    start_step = 0
+    if resume_from is not None:
+        data_state = checkpoint.load(engine, resume_from, rank, universal)
+        start_step = checkpoint.read_meta(resume_from)["step"]
+        if data_state is None:
+            log.warning("world size changed (%d -> %d): model and optimizer resumed at step %d, the data stream restarts",
+                        checkpoint.read_meta(resume_from)["world_size"], world_size, start_step)
+        else:
+            loader.load_state_dict(data_state)
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    tokenizer = load_tokenizer(cfg.data.decode.tokenizer)
+    image_tokenizer = None
+    if cfg.stage == "vqvae":
+        step_fn = TokenizerStep()
+    else:
+        if needs_image_tokenizer(scheduler) or cfg.data.eval_shards:
+            image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device())
+        step_fn = PretrainStep(model_cfg, scheduler, image_tokenizer, TextSpecials.from_tokenizer(tokenizer),
+                               cfg.train.seed, rank)
+    trainer = Trainer(cfg, engine, lr_scheduler, loader, step_fn, run_dir, rank, world_size, start_step,
+                      tokenizer, image_tokenizer, stop_at=args.stop_at)
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The training loop: steps, logging, evaluation, checkpoints and stop requests, in that order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from opt_ds import checkpoint
+from opt_ds.config import ExperimentConfig
+from opt_ds.distributed import all_reduce, any_rank, barrier, device
+from opt_ds.engine import compute_dtype
+from opt_ds.evaluation import eval_batches, generations, retrieval
+from opt_ds.metrics import (MetricWindow, Reporter, cuda_peak_tflops, global_skip_counts, measure_matmul_peak_tflops,
+                            modality_tokens)
+from opt_ds.signals import EXIT_RESUMABLE, StopRequest
+
+log = logging.getLogger("opt_ds.trainer")
+
+
+def device_peak_tflops(rank: int, world_size: int) -> float:
+    """Peak of all devices in the job: vendor bf16 peak per GPU, or the measured matmul peak per CPU node."""
+    if torch.cuda.is_available():
+        return (cuda_peak_tflops() or measure_matmul_peak_tflops(8192)) * world_size
+    nodes = max(1, world_size // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    measured = measure_matmul_peak_tflops(threads=os.cpu_count()) if rank == 0 else 0.0
+    return all_reduce([measured], "max")[0] * nodes
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, engine, lr_scheduler, loader, step_fn, run_dir: Path, rank: int,
+                 world_size: int, start_step: int, tokenizer=None, image_tokenizer=None, stop_at: int | None = None):
+        self.cfg, self.engine, self.lr_scheduler, self.loader, self.step_fn = cfg, engine, lr_scheduler, loader, step_fn
+        self.run_dir, self.rank, self.world_size, self.start_step = run_dir, rank, world_size, start_step
+        self.tokenizer, self.image_tokenizer = tokenizer, image_tokenizer
+        self.device, self.dtype = device(), compute_dtype(engine)
+        self.reporter = Reporter(run_dir, rank)
+        self.stop = StopRequest()
+        self.keys_file = run_dir / "logs" / f"keys_rank{rank}.jsonl" if cfg.train.log_sample_keys else None
+        self.eval_set = None
+        self.stop_at = stop_at
+
+    def fit(self) -> int:
+        with logging_redirect_tqdm():  # log lines print above the progress bar
+            return self._fit()
+
+    def _fit(self) -> int:
+        cfg = self.cfg.train
+        peak = device_peak_tflops(self.rank, self.world_size)
+        self.reporter.summary["device_peak_tflops"] = peak
+        window = MetricWindow()
+        batches = iter(self.loader)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=self.rank != 0, desc="train", unit="step", dynamic_ncols=True)
+        for step in range(self.start_step, cfg.steps):
+            self.engine.train()
+            for _ in range(cfg.gradient_accumulation):
+                waited = time.perf_counter()
+                batch = next(batches)
+                waited = time.perf_counter() - waited
+                loss, metrics, flops = self.step_fn(self.engine, batch, step, self.device, self.dtype)
+                self.engine.backward(loss)
+                self.engine.step()
+                window.add_step(metrics, float(loss.detach()), self.step_fn.plan(step), len(batch["keys"]), flops,
+                                modality_tokens(batch), waited)
+                self._record_keys(step, batch)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                values = self._log(done, window, peak)
+                bar.set_postfix(loss=f"{values['loss/total']:.3f}", sps=f"{values['perf/samples_per_s']:.1f}")
+                window.reset()
+            if self._due(done, cfg.eval_every):
+                self.evaluate(done)
+            stopping = any_rank(self.stop.requested) or (self.stop_at is not None and done >= self.stop_at and done < cfg.steps)
+            if stopping or self._due(done, cfg.save_every):
+                self.save(done)
+            if stopping:
+                log.warning("stopped at step %d on request; resume with --resume auto", done)
+                bar.close()
+                return EXIT_RESUMABLE
+        bar.close()
+        self.reporter.close()
+        return 0
+
+    def _due(self, done: int, every: int) -> bool:
+        return done == self.cfg.train.steps or (every > 0 and done % every == 0)
+
+    def _log(self, step: int, window: MetricWindow, peak: float) -> dict:
+        values = window.reduce(self.world_size, peak)
+        task_keys = sorted(k for k in values if "/" in k and not k.startswith(("perf/", "memory/", "schedule/")))
+        means = all_reduce([values[k] for k in task_keys])
+        values.update({k: v / self.world_size for k, v in zip(task_keys, means)})  # average over ranks
+        values.update({
+            "optim/lr": self.lr_scheduler.get_last_lr()[0],
+            "optim/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "optim/loss_scale": float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0,
+            "optim/skipped_steps": float(self.engine.skipped_steps),
+            "data/samples_seen": all_reduce([float(self.loader.samples_read())])[0],
+        })
+        stage = getattr(self.step_fn, "scheduler", None)
+        if stage is not None:
+            values["schedule/stage"] = float(stage.stage(step - 1)[0])
+        values.update(global_skip_counts(self.loader))
+        self.reporter.scalars(step, values)
+        log.info("step %d: %s", step, json.dumps({k: round(v, 4) for k, v in values.items() if k.startswith(("loss/", "perf/samples"))}))
+        return values
+
+    def evaluate(self, step: int) -> None:
+        if self.cfg.stage != "pretrain" or not self.cfg.data.eval_shards:
+            return
+        data = self.cfg.data
+        if self.eval_set is None:
+            self.eval_set = eval_batches(data.eval_shards, data.decode, data.reader.batch_size, data.eval_samples)
+        self.engine.eval()
+        scores = retrieval(self.engine, self.eval_set, self.device, self.dtype)
+        lines, images = generations(self.engine, self.eval_set[0], self.device, self.dtype, self.tokenizer,
+                                    self.image_tokenizer, self.cfg.train.generations)
+        self.engine.train()
+        self.reporter.scalars(step, scores, group="eval")
+        self.reporter.text(step, "eval/captions", lines)
+        if images is not None:
+            self.reporter.images(step, "eval/generated_images", images)
+        if self.rank == 0:
+            log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in scores.items() if "R@1" in k})
+
+    def save(self, step: int) -> None:
+        meta = {"stage": self.cfg.stage, "model": self.cfg.model}
+        path = checkpoint.save(self.engine, self.run_dir / "checkpoints", step, self.rank, self.world_size,
+                               self.loader.state_dict(), meta, self.cfg.train.keep_last)
+        if self.rank == 0:
+            self.reporter.summary["last_checkpoint"] = str(path)
+            self.reporter.write_summary()
+        barrier()
+
+    def _record_keys(self, step: int, batch: dict) -> None:
+        if self.keys_file is not None:
+            with self.keys_file.open("a") as f:
+                f.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+

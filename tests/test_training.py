@@ -1,0 +1,213 @@
+"""DeepSpeed pre-training on 2 CPU ranks: every task mix, TensorBoard, resume exactness, export + evaluate,
+world-size change, and configs that must fail at start-up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_module, train_ranks
+from opt_ds.checkpoint import CheckpointError, find_resume, tag_for
+from opt_ds.tasks import TASKS
+
+
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Triplets, and a list file that gives rank 0 triplet shards and rank 1 text-, image- and audio-only ones."""
+    root = tmp_path_factory.mktemp("train_data")
+    build = lambda name, *a: run_module("opt_ds.data.build_shards", "synthetic", "--out", str(root / name),  # noqa: E731
+                                        "--quiet", "--audio-seconds", "1.0", *a) and root / name
+    build("triplets", "--num", "96", "--max-samples", "16")
+    build("eval", "--num", "24", "--seed", "5")
+    for i, mods in enumerate(("text", "image", "audio")):
+        build(f"{mods}_only", "--num", "32", "--max-samples", "16", "--seed", str(10 + i), "--modalities", mods)
+    triplet_shards = sorted((root / "triplets").glob("*.tar"))
+    unpaired = sorted(p for m in ("text", "image", "audio") for p in (root / f"{m}_only").glob("*.tar"))
+    lines = [str(p) for pair in zip(triplet_shards, unpaired) for p in pair]
+    (root / "mixed.txt").write_text("\n".join(lines) + "\n")
+    return {"root": root, "triplets": root / "triplets", "eval": root / "eval", "mixed": root / "mixed.txt"}
+
+
+def write_config(path: Path, data: dict, **sections) -> Path:
+    cfg = {
+        "model": "tiny",
+        "data": {"sources": [{"name": "triplets", "shards": str(data["triplets"])}],
+                 "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+                 "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16}},
+        "optim": {"lr": 3e-4, "warmup_steps": 2},
+        "train": {"steps": 6, "log_every": 1, "save_every": 3, "keep_last": 3},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    out = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    out["_images"] = acc.Tags()["images"]
+    out["_text"] = acc.Tags()["tensors"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def vq_export(data, tmp_path_factory) -> Path:
+    """A 2-rank VQ-VAE stage, exported: the image tokenizer the pre-training runs use."""
+    root = tmp_path_factory.mktemp("vq")
+    config = write_config(root / "vq.yaml", data, stage="vqvae", train={"steps": 4, "save_every": 0})
+    train_ranks(2, "--config", str(config), "--output", str(root / "run"))
+    out = root / "vq.safetensors"
+    run_module("opt_ds.export", "--checkpoint", str(root / "run" / "checkpoints"), "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_run(data, vq_export, tmp_path_factory) -> Path:
+    """All seven tasks every step (sum mode) while the two ranks read different modality mixes."""
+    root = tmp_path_factory.mktemp("mixed")
+    config = write_config(
+        root / "mixed.yaml", data, image_tokenizer=str(vq_export),
+        data={"sources": [{"name": "mixed", "shards": str(data["mixed"])}], "eval_shards": str(data["eval"]),
+              "eval_samples": 24, "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+              "reader": {"batch_size": 4, "num_workers": 1, "shuffle_shards": False, "shuffle_buffer": 0}},
+        schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
+        train={"steps": 4, "log_every": 1, "save_every": 0, "generations": 2, "log_sample_keys": True})
+    train_ranks(2, "--config", str(config), "--output", str(root / "run"))
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_every_task_trains_when_ranks_see_different_modality_mixes(mixed_run):
+    logs = [(mixed_run / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert all("world of 2" in log for log in logs)
+    seen = [[json.loads(line)["keys"] for line in (mixed_run / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert all(k.startswith("syn000_") for batch in seen[0] for k in batch)  # rank 0: triplets only
+    assert not any(k.startswith("syn000_") for batch in seen[1] for k in batch)  # rank 1: unpaired only
+    tb = scalars(mixed_run)
+    for task in TASKS:
+        values = tb[f"{task}/loss"]
+        assert sorted(values) == [1, 2, 3, 4] and all(v == v and abs(v) < 1e4 for v in values.values()), task
+    assert (mixed_run / "checkpoints" / tag_for(4) / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_documented_scalars(mixed_run):
+    tb = scalars(mixed_run)
+    expected = ["loss/total", "optim/lr", "optim/grad_norm", "optim/loss_scale", "optim/skipped_steps",
+                "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/data_wait_frac", "perf/text_tokens_per_s",
+                "perf/image_tokens_per_s", "perf/audio_tokens_per_s", "memory/rss_mb_max_rank", "data/samples_seen",
+                "schedule/stage", "eval/text->image/R@1", "eval/audio->image/R@10", "eval/text->audio/R@5"]
+    for tag in expected:
+        assert tag in tb, tag
+    assert tb["perf/samples_per_s"][4] > 0 and 0 < tb["perf/mfu"][4] < 1 and tb["data/samples_seen"][4] == 2 * 4 * 4
+    assert tb["optim/lr"][1] < tb["optim/lr"][2]  # warm-up
+    assert "eval/generated_images" in tb["_images"] and any("eval/captions" in t for t in tb["_text"])
+    summary = json.loads((mixed_run / "summary.json").read_text())
+    assert summary["step"] == 4 and "eval/text->image/R@1" in summary["eval"] and summary["device_peak_tflops"] > 0
+    assert yaml.safe_load((mixed_run / "config.yaml").read_text())["train"]["steps"] == 4
+
+
+@pytest.fixture(scope="module")
+def resume_runs(data, vq_export, tmp_path_factory) -> dict[str, Path]:
+    """One 6-step run; and the same config stopped after step 3 and resumed (one-task-per-step schedule)."""
+    root = tmp_path_factory.mktemp("resume")
+    config = write_config(root / "run.yaml", data, image_tokenizer=str(vq_export),
+                          train={"steps": 6, "log_every": 1, "save_every": 3, "log_sample_keys": True})
+    train_ranks(2, "--config", str(config), "--output", str(root / "straight"))
+    train_ranks(2, "--config", str(config), "--output", str(root / "split"), "--stop-at", "3", expect=75)
+    assert (root / "split" / "checkpoints" / tag_for(3) / "COMPLETE").is_file()
+    shutil.copytree(root / "split", root / "split_copy")  # for the world-size test, before it is resumed here
+    train_ranks(2, "--config", str(config), "--output", str(root / "split"), "--resume", "auto")
+    return {"root": root, "config": config, "straight": root / "straight", "split": root / "split",
+            "split_copy": root / "split_copy"}
+
+
+def keys_seen(run_dir: Path) -> list[str]:
+    return sorted(k for r in (0, 1) for line in (run_dir / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()
+                  for k in json.loads(line)["keys"])
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_the_uninterrupted_one(resume_runs):
+    """bf16 compute, fp32 master weights: same world size and data order, so losses agree to bf16 noise."""
+    straight, split = scalars(resume_runs["straight"]), scalars(resume_runs["split"])
+    for step in (4, 5, 6):
+        assert split["loss/total"][step] == pytest.approx(straight["loss/total"][step], rel=1e-3), step
+    assert keys_seen(resume_runs["straight"]) == keys_seen(resume_runs["split"])
+    a, b = (resume_runs["root"] / "a.safetensors", resume_runs["root"] / "b.safetensors")
+    run_module("opt_ds.export", "--checkpoint", str(resume_runs["straight"] / "checkpoints"), "--out", str(a))
+    run_module("opt_ds.export", "--checkpoint", str(resume_runs["split"] / "checkpoints"), "--out", str(b))
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_without_deepspeed(resume_runs, data):
+    weights = resume_runs["root"] / "a.safetensors"
+    if not weights.exists():
+        run_module("opt_ds.export", "--checkpoint", str(resume_runs["straight"] / "checkpoints"), "--out", str(weights))
+    out = resume_runs["root"] / "eval_out"
+    report = json.loads(run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]),
+                                   "--json", "--out", str(out), "--generate", "3", "--beams", "2").stdout)
+    assert report["samples"] == 24
+    for query in ("text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"):
+        assert 0 <= report["retrieval"][f"eval/{query}/R@1"] <= report["retrieval"][f"eval/{query}/R@10"] <= 1
+    assert len((out / "captions.txt").read_text().splitlines()) == 3 and (out / "images.png").stat().st_size > 0
+    table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0").stdout
+    assert "text->image" in table and "chance R@1" in table
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_world_size(resume_runs):
+    """The 2-rank checkpoint of step 3 continues on 1 rank through a universal checkpoint."""
+    run_dir = resume_runs["split_copy"]
+    train_ranks(1, "--config", str(resume_runs["config"]), "--output", str(run_dir), "--resume", "auto")
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "world size changed (2 -> 1)" in log and "resumed from" in log
+    assert (run_dir / "checkpoints" / tag_for(6) / "COMPLETE").is_file()
+    assert sorted(scalars(run_dir)["loss/total"]) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_partial_and_missing_checkpoints_are_clear_errors(resume_runs, tmp_path):
+    partial = tmp_path / "checkpoints" / tag_for(9)
+    shutil.copytree(resume_runs["straight"] / "checkpoints" / tag_for(6), partial)
+    (partial / "COMPLETE").unlink()
+    assert find_resume(tmp_path / "checkpoints", "auto") is None  # ignored by auto ...
+    with pytest.raises(CheckpointError, match="partial checkpoint"):  # ... refused when named
+        find_resume(tmp_path / "checkpoints", str(partial))
+    with pytest.raises(CheckpointError, match="not found"):
+        find_resume(tmp_path / "checkpoints", str(tmp_path / "nowhere"))
+    proc = run_module("opt_ds.export", "--checkpoint", str(partial), "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert proc.returncode == 2 and "partial checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown key 'stepz'"),
+    ("train.steps=many", "train.steps: expected int"),
+    ("optim.lr=[1]", "optim.lr: expected float"),
+    ("schedule.mode=sometimes", "mode must be one of"),
+    ("deepspeed=ds_configs/none.json", "deepspeed config not found"),
+    ("data.sources=[{name: x, shards: '/nowhere/shard-{0..3}.tar'}]", "shard not found: /nowhere/shard-0.tar"),
+    ("data.sources=[{name: x, shards: /nowhere/shard-{0..3}.tar}]", "the value is not valid YAML"),
+])
+def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
+    config = write_config(tmp_path / "c.yaml", data)
+    proc = run_module("opt_ds.train", "--config", str(config), "--output", str(tmp_path / "run"), "--set", override,
+                      check=False, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
