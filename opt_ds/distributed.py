@@ -10,30 +10,21 @@ import torch.distributed as dist
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Join the process group (gloo on CPU, nccl on CUDA); -> (rank, local_rank, world_size).
-
-    A plain `python -m opt_ds.train` is a world of one: MASTER_ADDR/PORT default to a free local port.
-    """
+    """Join the process group (gloo on CPU, nccl on CUDA) however the job was launched; -> (rank, local_rank, world)."""
     import deepspeed
 
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from opt_ds.launch import fix_mpi_local_rank, prepare_environment
+
+    method = prepare_environment()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=method == "mpi",
+                               timeout=timedelta(minutes=30))
+    if method == "mpi":
+        fix_mpi_local_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:

@@ -27,6 +27,7 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 def build_module(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict) -> tuple[nn.Module, object]:
     """The trained module, built partitioned under ZeRO-3; -> (module, keep-alive handle for HF's ZeRO-3 path)."""
+    torch.manual_seed(cfg.train.seed)  # the same initial weights in every run of a config
     hf_handle = None
     context = contextlib.nullcontext()
     if zero_stage(ds_config) == 3:
@@ -89,21 +90,22 @@ def build_engine(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict)
     return engine, scheduler, hf_handle
 
 
+def clear_stale_gradients(engine) -> None:
+    """Zero ZeRO-3's gradient buffer after an optimizer step.
+
+    DeepSpeed 0.19.8's stage 3 keeps every parameter's gradient partition in one flat buffer and hands
+    all of them to the optimizer after each backward, whether the parameter was used or not; a slot is
+    only overwritten when its parameter gets a gradient. A step that leaves parameters out (one task per
+    step: the other tasks' heads and decoders) would apply their previous gradient again.
+    """
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if engine.zero_optimization_stage() == 3 and isinstance(buffer, torch.Tensor):
+        buffer.zero_()
+
+
 def compute_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16
     if engine.fp16_enabled():
         return torch.float16
     return torch.float32
-
-
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the device; floating ones to the compute dtype (DeepSpeed does not cast inputs)."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out

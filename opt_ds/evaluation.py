@@ -14,7 +14,7 @@ import torch
 
 from opt_ds.data.decode import IMAGE_MEAN, IMAGE_STD, DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-from opt_ds.engine import to_device
+from opt_ds.batch import to_device
 from opt_ds.model.generate import generate_image_tokens, generate_text
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.base import TextSpecials

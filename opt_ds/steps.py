@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from opt_ds.engine import to_device
+from opt_ds.batch import to_device
 from opt_ds.metrics import step_flops
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.vqvae import VQVAE

@@ -44,8 +44,10 @@ def setup_run_dir(output: str, rank: int, cfg) -> Path:
     run_dir = Path(output)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
-    if rank == 0:
-        handlers.append(logging.StreamHandler(sys.stderr))
+    if rank == 0:  # the console shows the progress bar and warnings; everything else goes to logs/rank*.log
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        handlers.append(console)
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
     if rank == 0:

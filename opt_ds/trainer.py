@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from opt_ds import checkpoint
 from opt_ds.config import ExperimentConfig
 from opt_ds.distributed import all_reduce, any_rank, barrier, device
-from opt_ds.engine import compute_dtype
+from opt_ds.engine import clear_stale_gradients, compute_dtype
 from opt_ds.evaluation import eval_batches, generations, retrieval
 from opt_ds.metrics import (MetricWindow, Reporter, cuda_peak_tflops, global_skip_counts, measure_matmul_peak_tflops,
                             modality_tokens)
@@ -47,10 +46,6 @@ class Trainer:
         self.stop_at = stop_at
 
     def fit(self) -> int:
-        with logging_redirect_tqdm():  # log lines print above the progress bar
-            return self._fit()
-
-    def _fit(self) -> int:
         cfg = self.cfg.train
         peak = device_peak_tflops(self.rank, self.world_size)
         self.reporter.summary["device_peak_tflops"] = peak
@@ -64,11 +59,13 @@ class Trainer:
                 batch = next(batches)
                 waited = time.perf_counter() - waited
                 loss, metrics, flops = self.step_fn(self.engine, batch, step, self.device, self.dtype)
+                metrics["optim/lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
                 self.engine.backward(loss)
                 self.engine.step()
                 window.add_step(metrics, float(loss.detach()), self.step_fn.plan(step), len(batch["keys"]), flops,
                                 modality_tokens(batch), waited)
                 self._record_keys(step, batch)
+            clear_stale_gradients(self.engine)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -97,7 +94,6 @@ class Trainer:
         means = all_reduce([values[k] for k in task_keys])
         values.update({k: v / self.world_size for k, v in zip(task_keys, means)})  # average over ranks
         values.update({
-            "optim/lr": self.lr_scheduler.get_last_lr()[0],
             "optim/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "optim/loss_scale": float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0,
             "optim/skipped_steps": float(self.engine.skipped_steps),
@@ -127,7 +123,9 @@ class Trainer:
         if images is not None:
             self.reporter.images(step, "eval/generated_images", images)
         if self.rank == 0:
-            log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in scores.items() if "R@1" in k})
+            recall = {k.removeprefix("eval/"): round(v, 3) for k, v in scores.items() if k.endswith("/R@1")}
+            log.info("eval at step %d: %s", step, recall)
+            tqdm.write(f"eval at step {step}: R@1 {recall}")
 
     def save(self, step: int) -> None:
         meta = {"stage": self.cfg.stage, "model": self.cfg.model}

@@ -36,10 +36,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "triplets": root / "triplets", "eval": root / "eval", "mixed": root / "mixed.txt"}
 
 
-def write_config(path: Path, data: dict, **sections) -> Path:
+def write_config(path: Path, shards: dict, **sections) -> Path:
     cfg = {
         "model": "tiny",
-        "data": {"sources": [{"name": "triplets", "shards": str(data["triplets"])}],
+        "data": {"sources": [{"name": "triplets", "shards": str(shards["triplets"])}],
                  "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
                  "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16}},
         "optim": {"lr": 3e-4, "warmup_steps": 2},

@@ -1,0 +1,17 @@
+"""Moving batches to the compute device (no DeepSpeed import: evaluation runs without it)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to the device; floating ones to the compute dtype (DeepSpeed does not cast inputs)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out

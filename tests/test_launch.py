@@ -1,0 +1,46 @@
+"""How a process finds its place in the job: Slurm variables, MPI, hostfiles."""
+
+from __future__ import annotations
+
+from conftest import run_module
+from opt_ds.hostfile import expand_nodelist, hostfile, slurm_slots
+from opt_ds.launch import discovery_method, port_for_job, slurm_env
+
+SLURM = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2",
+         "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_JOB_ID": "4242"}
+
+
+def test_slurm_variables_give_rank_world_and_master():
+    env = slurm_env(SLURM)
+    assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_SIZE": "2", "MASTER_ADDR": "node07",
+                   "MASTER_PORT": str(port_for_job("4242"))}
+    assert slurm_env({**SLURM, "MASTER_PORT": "1234", "MASTER_ADDR": "x"})["MASTER_PORT"] == "1234"
+
+
+def test_job_ports_differ_between_jobs_and_survive_requeue():
+    assert port_for_job("4242") == port_for_job("4242") != port_for_job("4243")
+    assert all(20000 <= port_for_job(str(j)) < 40000 for j in (0, 19999, 20000, 10**9))
+
+
+def test_discovery_method():
+    assert discovery_method({"RANK": "0", "WORLD_SIZE": "2", **SLURM}) == "env"  # launcher already set it
+    assert discovery_method(SLURM) == "slurm"
+    assert discovery_method({**SLURM, "OMPI_COMM_WORLD_RANK": "0"}) == "mpi"
+    assert discovery_method({**SLURM, "PMIX_RANK": "0"}) == "mpi"
+    assert discovery_method({}) == "single"
+    assert discovery_method({**SLURM, "OPT_DS_DISCOVERY": "mpi"}) == "mpi"
+
+
+def test_nodelists_and_hostfiles():
+    assert expand_nodelist("gpu[01-03,7],login") == ["gpu01", "gpu02", "gpu03", "gpu7", "login"]
+    assert expand_nodelist("a1,b2") == ["a1", "b2"]
+    assert hostfile(["n1", "n2"], 8) == "n1 slots=8\nn2 slots=8\n"
+    assert slurm_slots({"SLURM_TASKS_PER_NODE": "4(x2)"}) == 4 and slurm_slots({}) == 1
+
+
+def test_hostfile_cli():
+    assert run_module("opt_ds.hostfile", "--nodes", "n[1-2]", "--slots", "2").stdout == "n1 slots=2\nn2 slots=2\n"
+    out = run_module("opt_ds.hostfile", "--slurm", env={"SLURM_JOB_NODELIST": "c[3-4]", "SLURM_NTASKS_PER_NODE": "1"}).stdout
+    assert out == "c3 slots=1\nc4 slots=1\n"
+    proc = run_module("opt_ds.hostfile", "--slurm", check=False, env={"SLURM_JOB_NODELIST": ""})
+    assert proc.returncode == 2
