@@ -1,0 +1,137 @@
+"""A real two-node Slurm cluster on this machine: sbatch pre-training, and preemption with requeue and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_bounded
+
+pytestmark = pytest.mark.slow
+KIT = REPO / "slurm" / "local_cluster.sh"
+SBATCH = REPO / "slurm" / "pretrain.sbatch"
+NO_GPU = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two slurmd (n1, n2) on this host; every daemon is stopped by PID at the end, even on failure."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm kit runs its daemons as root")
+    root = tmp_path_factory.mktemp("slurm")
+    try:
+        proc = run_bounded(["bash", str(KIT), "start", str(root / "cluster"), "2", "1"], timeout=600)
+        assert proc.returncode == 0, proc.stdout
+        env = {**os.environ, "SLURM_CONF": str(root / "cluster" / "etc" / "slurm.conf")}
+        yield {"root": root, "env": env}
+    finally:
+        subprocess.run(["bash", str(KIT), "stop", str(root / "cluster")], timeout=120)
+
+
+def slurm(cluster, *cmd: str) -> str:
+    out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, env=cluster["env"], cwd=REPO)
+    assert out.returncode == 0, f"{cmd}: {out.stderr}"
+    return out.stdout
+
+
+def job_field(cluster, job: str, field: str) -> str:
+    match = re.search(rf"\b{field}=(\S+)", slurm(cluster, "scontrol", "show", "job", job))
+    return match.group(1) if match else ""
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def submit(cluster, name: str, config: Path, *train_args: str) -> tuple[str, Path]:
+    runs = cluster["root"] / "runs"
+    env = {**cluster["env"], "OPT_CONFIG": str(config), "OPT_OUTPUT": str(runs), "MASTER_PORT": ""}
+    env.pop("MASTER_PORT")
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", *NO_GPU, f"--job-name={name}",
+                          f"--output={cluster['root']}/%x-%j.out", str(SBATCH), *train_args],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0], runs / name
+
+
+def finished(cluster, job: str) -> str:
+    state = job_field(cluster, job, "JobState")
+    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else ""
+
+
+def job_output(cluster, name: str) -> str:
+    return "\n".join(p.read_text() for p in cluster["root"].glob(f"{name}-*.out"))
+
+
+@pytest.fixture(scope="module")
+def config(cluster, synthetic_shards) -> Path:
+    cfg = {
+        "model": "tiny",
+        "data": {"sources": [{"name": "triplets", "shards": str(synthetic_shards)}],
+                 "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+                 "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16}},
+        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {"steps": 8, "log_every": 1, "save_every": 4},
+    }
+    path = cluster["root"] / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def summary_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("step", 0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("loss/total")}
+
+
+def test_sbatch_pretraining_on_two_nodes(cluster, config):
+    job, run_dir = submit(cluster, "optds-train", config)
+    state = wait_for(lambda: finished(cluster, job), 600, f"job {job}")
+    assert state == "COMPLETED", job_output(cluster, "optds-train")[-5000:]
+    assert job_field(cluster, job, "NodeList") == "n[1-2]"
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert "world of 2" in log, log[-2000:]
+    values = losses(run_dir)
+    assert sorted(values) == list(range(1, 9)) and values[8] < values[1]
+    assert (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").is_file()
+    assert "launch srun" in job_output(cluster, "optds-train")
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(cluster, config):
+    job, run_dir = submit(cluster, "optds-preempt", config, "--set", "train.steps=14", "--set", "train.save_every=0")
+    wait_for(lambda: summary_step(run_dir) >= 3, 600, "training to reach step 3", interval=0.5)
+    slurm(cluster, "scancel", "--signal=USR1", job)
+    wait_for(lambda: int(job_field(cluster, job, "Restarts") or 0) >= 1, 600, "the job to be requeued")
+    state = wait_for(lambda: finished(cluster, job), 900, f"requeued job {job}")
+    output = job_output(cluster, "optds-preempt")
+    assert state == "COMPLETED", output[-5000:]
+    assert "requeueing job" in output and "(restart 1)" in output
+    stopped = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert "step_00000014" in stopped and len(stopped) == 2, stopped  # the stop's checkpoint and the final one
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "stopped at step" in log and "resumed from" in log
+    assert sorted(losses(run_dir)) == list(range(1, 15))
