@@ -44,3 +44,60 @@ def test_hostfile_cli():
     assert out == "c3 slots=1\nc4 slots=1\n"
     proc = run_module("opt_ds.hostfile", "--slurm", check=False, env={"SLURM_JOB_NODELIST": ""})
     assert proc.returncode == 2
+
+
+# --- real multi-process launches (slow) ---------------------------------------------------------
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, run_bounded
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory, synthetic_shards) -> Path:
+    path = tmp_path_factory.mktemp("launch") / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "tiny",
+        "data": {"sources": [{"name": "t", "shards": str(synthetic_shards)}],
+                 "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16}, "reader": {"batch_size": 2, "num_workers": 0}},
+        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+        "train": {"steps": 2, "log_every": 1, "save_every": 0}}))
+    return path
+
+
+def assert_world_of_two(run_dir: Path, output: str) -> None:
+    for rank in (0, 1):
+        log = run_dir / "logs" / f"rank{rank}.log"
+        assert log.is_file() and "world of 2" in log.read_text(), output[-4000:]
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is installed by make setup")
+def test_mpirun_uses_deepspeeds_mpi4py_discovery(small_config, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "TORCH_EXTENSIONS_DIR",
+           "-x", f"MASTER_PORT={free_port()}", sys.executable, "-m", "opt_ds.train", "--config", str(small_config),
+           "--output", str(run_dir)]
+    proc = run_bounded(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert_world_of_two(run_dir, proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is installed by make setup")
+def test_deepspeed_launcher_with_a_hostfile_and_openmpi(small_config, tmp_path):
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh_check",
+           "--launcher", "openmpi", "--launcher_args", "--allow-run-as-root --oversubscribe",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--module", "opt_ds.train", "--config", str(small_config), "--output", str(run_dir)]
+    proc = run_bounded(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert_world_of_two(run_dir, proc.stdout)

@@ -56,10 +56,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def submit(cluster, name: str, config: Path, *train_args: str) -> tuple[str, Path]:
+def submit(cluster, name: str, config: Path, *train_args: str, launch: str = "srun") -> tuple[str, Path]:
     runs = cluster["root"] / "runs"
-    env = {**cluster["env"], "OPT_CONFIG": str(config), "OPT_OUTPUT": str(runs), "MASTER_PORT": ""}
-    env.pop("MASTER_PORT")
+    env = {**cluster["env"], "OPT_CONFIG": str(config), "OPT_OUTPUT": str(runs), "OPT_LAUNCH": launch}
+    env.pop("MASTER_PORT", None)
     out = subprocess.run(["sbatch", "--parsable", "--nodes=2", *NO_GPU, f"--job-name={name}",
                           f"--output={cluster['root']}/%x-%j.out", str(SBATCH), *train_args],
                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
@@ -135,3 +135,18 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster, config):
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "stopped at step" in log and "resumed from" in log
     assert sorted(losses(run_dir)) == list(range(1, 15))
+
+
+@pytest.mark.parametrize("launch", ["mpi", "deepspeed"])
+def test_sbatch_launch_variants(cluster, config, launch):
+    """srun --mpi=pmix with DeepSpeed's mpi4py discovery; the deepspeed launcher (--launcher slurm) over a hostfile."""
+    name = f"optds-{launch}"
+    job, run_dir = submit(cluster, name, config, "--set", "train.steps=2", launch=launch)
+    state = wait_for(lambda: finished(cluster, job), 600, f"job {job}")
+    output = job_output(cluster, name)
+    assert state == "COMPLETED", output[-5000:]
+    assert f"launch {launch}" in output
+    for rank in (0, 1):
+        assert "world of 2" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    if launch == "deepspeed":
+        assert (run_dir / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
