@@ -11,6 +11,7 @@ machine and the commit to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from opt_ds.config import REPO_ROOT
+from opt_ds.data import build_shards
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.synthetic import synthetic_sample
@@ -141,11 +143,10 @@ def throughput_report(model_name: str, zeros: list[int], ranks: list[int], batch
     plain: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="opt_ds_bench_") as tmp:
         shards = Path(tmp) / "shards"
-        from opt_ds.data import build_shards
-
-        build_shards.main(["synthetic", "--num", str(64 * max(ranks) * batch_per_rank), "--max-samples", "64",
-                           "--image-size", str(load_model_config(model_name).vision.image_size),
-                           "--audio-seconds", str(AUDIO_SECONDS), "--out", str(shards), "--quiet"])
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report
+            build_shards.main(["synthetic", "--num", str(64 * max(ranks) * batch_per_rank), "--max-samples", "64",
+                               "--image-size", str(load_model_config(model_name).vision.image_size),
+                               "--audio-seconds", str(AUDIO_SECONDS), "--out", str(shards), "--quiet"])
         for n in ranks:
             global_batch = n * batch_per_rank
             if global_batch not in plain:

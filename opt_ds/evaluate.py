@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ShardSpecError) as exc:
         print(f"opt_ds.evaluate: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
-    if not args.json:
+    if args.json:
+        print(json.dumps(report))
+    else:
         print_table(report)
     return 0
 

@@ -101,3 +101,13 @@ def test_deepspeed_launcher_with_a_hostfile_and_openmpi(small_config, tmp_path):
     proc = run_bounded(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert_world_of_two(run_dir, proc.stdout)
+
+
+@pytest.mark.slow
+def test_torchrun(small_config, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "opt_ds.train", "--config", str(small_config), "--output", str(run_dir)]
+    proc = run_bounded(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert_world_of_two(run_dir, proc.stdout)

@@ -211,3 +211,21 @@ def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, m
                       check=False, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero0_bf16", "zero2_bf16", "zero3_fp16"])
+def test_shipped_deepspeed_configs_train(data, tmp_path, ds_config):
+    """Every shipped config without offload (the offload ones need JIT-built optimizer ops) trains a few steps."""
+    if ds_config.endswith("fp16"):
+        from deepspeed.accelerator import get_accelerator
+        if not get_accelerator().is_fp16_supported():
+            pytest.skip("DeepSpeed's accelerator here has no fp16 (its CPU path needs AVX512-FP16)")
+    config = write_config(tmp_path / "c.yaml", data, deepspeed=f"ds_configs/{ds_config}.json",
+                          schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+                          train={"steps": 2, "save_every": 0})
+    train_ranks(1, "--config", str(config), "--output", str(tmp_path / "run"))
+    tb = scalars(tmp_path / "run")
+    assert sorted(tb["loss/total"]) == [1, 2] and all(v == v for v in tb["loss/total"].values())
+    if ds_config.endswith("fp16"):
+        assert tb["optim/loss_scale"][1] > 1  # dynamic loss scaling is on

@@ -1,0 +1,35 @@
+"""The benchmark command: figures that agree with each other and with the model's sizes (never timed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_module
+from opt_ds.model.config import load_model_config
+from opt_ds.model.size import parameter_count
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_model_bench_reports_consistent_figures():
+    report = last_json(run_module("opt_ds.bench", "model", "--config", "tiny", "--batch", "2", "--steps", "2",
+                                  "--warmup", "0", "--json").stdout)
+    assert report["parameters"] == parameter_count(load_model_config("tiny"))["total"]
+    assert report["samples_per_s"] == pytest.approx(report["batch"] / report["step_s"])
+    assert report["train_tflops"] > 0 and report["fwd_gflops_per_sample_max_lengths"] > 1
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_deepspeed_against_the_plain_loop():
+    report = last_json(run_module("opt_ds.bench", "throughput", "--config", "tiny", "--zero", "3", "--ranks", "2",
+                                  "--steps", "2", "--warmup", "1", "--batch-per-rank", "2", "--json", timeout=900).stdout)
+    (row,) = report["rows"]
+    assert (row["zero"], row["ranks"], row["global_batch"]) == (3, 2, 4)
+    assert row["samples_per_s"] == pytest.approx(4 / row["step_s"])
+    assert row["ratio_vs_plain"] == pytest.approx(row["samples_per_s"] / row["plain_samples_per_s"])
+    assert 0 < row["mfu"] < 1 and report["device_peak_tflops"] > 0
+    assert row["tflops"] / report["device_peak_tflops"] == pytest.approx(row["mfu"], rel=0.5)  # same peak, other run
