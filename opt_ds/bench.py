@@ -32,6 +32,7 @@ from opt_ds.data import build_shards
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.synthetic import synthetic_sample
+from opt_ds.launch import free_port
 from opt_ds.metrics import measure_matmul_peak_tflops, step_flops
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
@@ -106,7 +107,7 @@ def deepspeed_run(model_name: str, zero: int, ranks: int, batch_per_rank: int, s
     config_path = workdir / f"zero{zero}_ranks{ranks}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            "--module", "opt_ds.train", "--config", str(config_path), "--output", str(run_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -126,14 +127,6 @@ def _scalars(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def throughput_report(model_name: str, zeros: list[int], ranks: list[int], batch_per_rank: int, steps: int,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from opt_ds.data import build_shards
+from opt_ds.launch import free_port
 
 DEMO_DATA = Path("demo_data")
 DEMO_RUN = Path("demo_run")
@@ -26,12 +26,6 @@ def ensure_shards(name: str, *builder_args: str) -> Path:
         build_shards.main([*builder_args, "--out", str(tmp), "--quiet"])
         tmp.rename(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*cmd: str) -> None:

@@ -13,11 +13,15 @@ def init_distributed() -> tuple[int, int, int]:
     """Join the process group (gloo on CPU, nccl on CUDA) however the job was launched; -> (rank, local_rank, world)."""
     import deepspeed
 
-    from opt_ds.launch import fix_mpi_local_rank, prepare_environment
+    from opt_ds.launch import choose_gloo_interface, fix_mpi_local_rank, prepare_environment
 
     method = prepare_environment()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        choose_gloo_interface()
+    # MPI discovery sets MASTER_PORT to `distributed_port`: hand it the job's port, not DeepSpeed's fixed 29500
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=method == "mpi",
+                               distributed_port=int(os.environ.get("MASTER_PORT") or 29500),
                                timeout=timedelta(minutes=30))
     if method == "mpi":
         fix_mpi_local_rank()

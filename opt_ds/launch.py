@@ -51,12 +51,16 @@ def slurm_env(env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def single_env(env: dict[str, str]) -> dict[str, str]:
+def free_port() -> int:
+    """A TCP port free on this host right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def single_env(env: dict[str, str]) -> dict[str, str]:
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", str(port))}
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
 
 
 def prepare_environment() -> str:
@@ -69,6 +73,31 @@ def prepare_environment() -> str:
     elif method not in ("env", "mpi"):
         raise ValueError(f"OPT_DS_DISCOVERY must be env, slurm, mpi or single; got '{method}'")
     return method
+
+
+def interface_towards(address: str) -> str | None:
+    """The network interface this host uses to reach `address` (no packet is sent)."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(address), 9))
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
+            return name
+    return None
+
+
+def choose_gloo_interface() -> None:
+    """gloo advertises the address its hostname resolves to, which is wrong when node names do not resolve
+    (or resolve to 127.0.0.1); bind it to the interface that reaches MASTER_ADDR instead."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.environ.get("MASTER_ADDR"):
+        name = interface_towards(os.environ["MASTER_ADDR"])
+        if name:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
 
 
 def fix_mpi_local_rank() -> None:

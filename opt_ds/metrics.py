@@ -12,7 +12,7 @@ import psutil
 import torch
 
 from opt_ds.distributed import all_gather_object, all_reduce
-from opt_ds.model.config import ModelConfig
+from opt_ds.model.config import ModelConfig, subsampled_length
 from opt_ds.model.size import forward_flops, lengths_for
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name fragment
@@ -58,11 +58,12 @@ def step_flops(model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]
     return 3.0 * per_sample * batch["text_ids"].shape[0]
 
 
-def modality_tokens(batch: dict) -> dict[str, float]:
+def modality_tokens(batch: dict, model_cfg: ModelConfig) -> dict[str, float]:
+    """Encoder input tokens of a batch: word pieces, image patches, audio tokens (4 log-mel frames each)."""
     return {
         "text": float(batch["text_mask"].sum()),
-        "image": float(batch["has_image"].sum()) * float(batch["image"].shape[-1] ** 2),  # pixels
-        "audio": float(batch["audio_mask"].sum()),  # 10 ms frames
+        "image": float(batch["has_image"].sum()) * model_cfg.vision.grid ** 2,
+        "audio": float(subsampled_length(batch["audio_mask"][:, : model_cfg.audio.max_frames].sum(1)).sum()),
     }
 
 
@@ -95,7 +96,7 @@ class MetricWindow:
         self.counts.update(tokens)
         self.data_wait += data_wait
 
-    def reduce(self, world_size: int, peak_tflops: float) -> dict[str, float]:
+    def reduce(self, peak_tflops: float) -> dict[str, float]:
         """Collective: global throughput, MFU, memory and data-wait; per-task means as seen on this rank."""
         elapsed = time.perf_counter() - self.start
         keys = ["text", "image", "audio"]

@@ -7,7 +7,6 @@ task learns.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from functools import partial
 from typing import Iterable
 
@@ -45,11 +44,3 @@ def task_trend(history: list[dict], key: str, window: int = 10) -> tuple[float, 
     """Mean of `key` over its first and last `window` occurrences."""
     values = [h[key] for h in history if key in h]
     return sum(values[:window]) / len(values[:window]), sum(values[-window:]) / len(values[-window:])
-
-
-def grouped(history: list[dict]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = defaultdict(list)
-    for h in history:
-        for k, v in h.items():
-            out[k].append(v)
-    return out

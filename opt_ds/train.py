@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, _, world_size = init_distributed()
     run_dir = setup_run_dir(args.output, rank, cfg)
-    log.info("world of %d; model %s; stage %s; %s", world_size, model_cfg.name, cfg.stage, cfg.deepspeed)
+    log.info("world of %d; rank %d on host %s; model %s; stage %s; %s", world_size, rank, socket.gethostname(),
+             model_cfg.name, cfg.stage, cfg.deepspeed)
 
     resume_from = checkpoint.find_resume(run_dir / "checkpoints", args.resume)
     universal = resume_from is not None and checkpoint.read_meta(resume_from)["world_size"] != world_size
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device())
         step_fn = PretrainStep(model_cfg, scheduler, image_tokenizer, TextSpecials.from_tokenizer(tokenizer),
                                cfg.train.seed, rank)
-    trainer = Trainer(cfg, engine, lr_scheduler, loader, step_fn, run_dir, rank, world_size, start_step,
+    trainer = Trainer(cfg, model_cfg, engine, lr_scheduler, loader, step_fn, run_dir, rank, world_size, start_step,
                       tokenizer, image_tokenizer, stop_at=args.stop_at)
     return trainer.fit()
 

@@ -15,6 +15,7 @@ from opt_ds import checkpoint
 from opt_ds.config import ExperimentConfig
 from opt_ds.distributed import all_reduce, any_rank, barrier, device
 from opt_ds.engine import clear_stale_gradients, compute_dtype
+from opt_ds.model.config import ModelConfig
 from opt_ds.evaluation import eval_batches, generations, retrieval
 from opt_ds.metrics import (MetricWindow, Reporter, cuda_peak_tflops, global_skip_counts, measure_matmul_peak_tflops,
                             modality_tokens)
@@ -33,9 +34,10 @@ def device_peak_tflops(rank: int, world_size: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, engine, lr_scheduler, loader, step_fn, run_dir: Path, rank: int,
+    def __init__(self, cfg: ExperimentConfig, model_cfg: ModelConfig, engine, lr_scheduler, loader, step_fn, run_dir: Path, rank: int,
                  world_size: int, start_step: int, tokenizer=None, image_tokenizer=None, stop_at: int | None = None):
-        self.cfg, self.engine, self.lr_scheduler, self.loader, self.step_fn = cfg, engine, lr_scheduler, loader, step_fn
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.engine, self.lr_scheduler, self.loader, self.step_fn = engine, lr_scheduler, loader, step_fn
         self.run_dir, self.rank, self.world_size, self.start_step = run_dir, rank, world_size, start_step
         self.tokenizer, self.image_tokenizer = tokenizer, image_tokenizer
         self.device, self.dtype = device(), compute_dtype(engine)
@@ -63,7 +65,7 @@ class Trainer:
                 self.engine.backward(loss)
                 self.engine.step()
                 window.add_step(metrics, float(loss.detach()), self.step_fn.plan(step), len(batch["keys"]), flops,
-                                modality_tokens(batch), waited)
+                                modality_tokens(batch, self.model_cfg), waited)
                 self._record_keys(step, batch)
             clear_stale_gradients(self.engine)
             done = step + 1
@@ -89,7 +91,7 @@ class Trainer:
         return done == self.cfg.train.steps or (every > 0 and done % every == 0)
 
     def _log(self, step: int, window: MetricWindow, peak: float) -> dict:
-        values = window.reduce(self.world_size, peak)
+        values = window.reduce(peak)
         task_keys = sorted(k for k in values if "/" in k and not k.startswith(("perf/", "memory/", "schedule/")))
         means = all_reduce([values[k] for k in task_keys])
         values.update({k: v / self.world_size for k, v in zip(task_keys, means)})  # average over ranks
@@ -99,9 +101,9 @@ class Trainer:
             "optim/skipped_steps": float(self.engine.skipped_steps),
             "data/samples_seen": all_reduce([float(self.loader.samples_read())])[0],
         })
-        stage = getattr(self.step_fn, "scheduler", None)
-        if stage is not None:
-            values["schedule/stage"] = float(stage.stage(step - 1)[0])
+        scheduler = getattr(self.step_fn, "scheduler", None)  # the VQ-VAE stage has none
+        if scheduler is not None:
+            values["schedule/stage"] = float(scheduler.stage(step - 1)[0])
         values.update(global_skip_counts(self.loader))
         self.reporter.scalars(step, values)
         log.info("step %d: %s", step, json.dumps({k: round(v, 4) for k, v in values.items() if k.startswith(("loss/", "perf/samples"))}))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from conftest import run_module
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, run_bounded, run_module
 from opt_ds.hostfile import expand_nodelist, hostfile, slurm_slots
 from opt_ds.launch import discovery_method, port_for_job, slurm_env
 
@@ -47,15 +54,6 @@ def test_hostfile_cli():
 
 
 # --- real multi-process launches (slow) ---------------------------------------------------------
-
-import shutil
-import sys
-from pathlib import Path
-
-import pytest
-import yaml
-
-from conftest import free_port, run_bounded
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,23 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(KIT), "stop", str(root / "cluster")], timeout=120)
 
 
+def test_two_slurmd_node_model(tmp_path):
+    """The other node model: two slurmd side by side on this host (distinct ports)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm kit runs its daemons as root")
+    env = {**os.environ, "OPT_DS_SLURM_NODES": "ports"}
+    try:
+        start = subprocess.run(["bash", str(KIT), "start", str(tmp_path / "c"), "2", "1"], capture_output=True,
+                               text=True, timeout=600, env=env)
+        assert start.returncode == 0 and "model ports" in start.stdout, start.stdout + start.stderr
+        out = subprocess.run(["srun", "-N2", "-n2", "bash", "-c", "echo $SLURMD_NODENAME"], capture_output=True, text=True,
+                             timeout=120, env={**env, "SLURM_CONF": str(tmp_path / "c" / "etc" / "slurm.conf")})
+        assert sorted(out.stdout.split()) == ["n1", "n2"], out.stderr
+    finally:
+        subprocess.run(["bash", str(KIT), "stop", str(tmp_path / "c")], timeout=120)
+    assert not list((tmp_path / "c" / "run").glob("*.pid"))
+
+
 def slurm(cluster, *cmd: str) -> str:
     out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, env=cluster["env"], cwd=REPO)
     assert out.returncode == 0, f"{cmd}: {out.stderr}"
@@ -112,9 +129,12 @@ def test_sbatch_pretraining_on_two_nodes(cluster, config):
     state = wait_for(lambda: finished(cluster, job), 600, f"job {job}")
     assert state == "COMPLETED", job_output(cluster, "optds-train")[-5000:]
     assert job_field(cluster, job, "NodeList") == "n[1-2]"
+    netns = (cluster["root"] / "cluster" / "run" / "node_model").read_text().strip() == "netns"
     for rank in (0, 1):
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert "world of 2" in log, log[-2000:]
+        if netns:  # each node its own namespace and hostname
+            assert f"rank {rank} on host n{rank + 1}" in log
     values = losses(run_dir)
     assert sorted(values) == list(range(1, 9)) and values[8] < values[1]
     assert (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").is_file()

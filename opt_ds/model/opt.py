@@ -91,10 +91,6 @@ class OPTModel(nn.Module):
         return uni, self.fuse(uni, batch, keep)
 
 
-def build_model(cfg: ModelConfig) -> OPTModel:
-    return OPTModel(cfg)
-
-
 def parameter_counts(model: OPTModel) -> dict[str, int]:
     """Parameters per component of a built model (works on the meta device); tied weights counted once."""
     seen: set[int] = set()

@@ -92,11 +92,6 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: 
     return loss, correct.detach()
 
 
-def masked_select_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], mask [B, L] -> [N, D]; empty rows are fine (the modules still run)."""
-    return x[mask]
-
-
 def zero_if_empty(loss: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """NaN-free loss for an empty selection, still connected to the graph through `anchor`."""
     return loss if anchor.numel() else anchor.float().sum() * 0.0
