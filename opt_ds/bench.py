@@ -1,9 +1,11 @@
-"""Measure speed against references, in one run: `python -m opt_ds.bench {model,throughput} ... [--record]`.
+"""Measure speed against references, in one run: `python -m opt_ds.bench {model,throughput,loader} ... [--record]`.
 
 - model: forward+backward samples/s of a named config in a plain PyTorch loop (all tasks each step,
   AdamW, bf16 autocast), with its parameters and FLOPs per sample.
 - throughput: real `opt_ds.train` runs under DeepSpeed (ZeRO stages x rank counts) against the plain
   loop at the same global batch, as ratios; MFU against the device peak measured in the same run.
+- loader: decode samples/s of the data loader with 0..W workers against the samples/s a real ZeRO-3 run
+  consumes per rank, and the share of step time that run spent waiting for data.
 Warm-up steps are excluded; step times are medians. `--record` appends the table, the command, the
 machine and the commit to BENCHMARKS.md.
 """
@@ -112,13 +114,14 @@ def deepspeed_run(model_name: str, zero: int, ranks: int, batch_per_rank: int, s
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    scalars = _scalars(run_dir / "tb", ("perf/step_time_s", "perf/mfu", "perf/tflops"))
+    scalars = _scalars(run_dir / "tb", ("perf/step_time_s", "perf/mfu", "perf/tflops", "perf/data_wait_frac"))
     measured = sorted(scalars["perf/step_time_s"])[warmup:]
     step_s = statistics.median(scalars["perf/step_time_s"][s] for s in measured)
     return {"zero": zero, "ranks": ranks, "global_batch": ranks * batch_per_rank, "step_s": step_s,
             "samples_per_s": ranks * batch_per_rank / step_s,
             "mfu": statistics.median(scalars["perf/mfu"][s] for s in measured),
-            "tflops": statistics.median(scalars["perf/tflops"][s] for s in measured)}
+            "tflops": statistics.median(scalars["perf/tflops"][s] for s in measured),
+            "data_wait_frac": statistics.median(scalars["perf/data_wait_frac"][s] for s in measured)}
 
 
 def _scalars(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]:
@@ -129,17 +132,21 @@ def _scalars(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags}
 
 
+def bench_shards(model_name: str, samples: int, out: Path) -> Path:
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report
+        build_shards.main(["synthetic", "--num", str(samples), "--max-samples", "64",
+                           "--image-size", str(load_model_config(model_name).vision.image_size),
+                           "--audio-seconds", str(AUDIO_SECONDS), "--out", str(out), "--quiet"])
+    return out
+
+
 def throughput_report(model_name: str, zeros: list[int], ranks: list[int], batch_per_rank: int, steps: int,
                       warmup: int) -> dict:
     rows = []
     peak = measure_matmul_peak_tflops(threads=os.cpu_count())
     plain: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="opt_ds_bench_") as tmp:
-        shards = Path(tmp) / "shards"
-        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report
-            build_shards.main(["synthetic", "--num", str(64 * max(ranks) * batch_per_rank), "--max-samples", "64",
-                               "--image-size", str(load_model_config(model_name).vision.image_size),
-                               "--audio-seconds", str(AUDIO_SECONDS), "--out", str(shards), "--quiet"])
+        shards = bench_shards(model_name, 64 * max(ranks) * batch_per_rank, Path(tmp) / "shards")
         for n in ranks:
             global_batch = n * batch_per_rank
             if global_batch not in plain:
@@ -150,6 +157,21 @@ def throughput_report(model_name: str, zeros: list[int], ranks: list[int], batch
                 row["ratio_vs_plain"] = row["samples_per_s"] / plain[global_batch]
                 rows.append(row)
     return {"config": model_name, "device_peak_tflops": peak, "rows": rows}
+
+
+def loader_report(model_name: str, workers: list[int], ranks: int, batch_per_rank: int, steps: int, warmup: int) -> dict:
+    """Loader capacity (samples/s with W workers, one process) against what a real ZeRO-3 run consumes per rank."""
+    from opt_ds.data.inspect import inspect_shards
+
+    with tempfile.TemporaryDirectory(prefix="opt_ds_bench_") as tmp:
+        shards = bench_shards(model_name, 1024, Path(tmp) / "shards")
+        capacity = {w: inspect_shards([str(shards)], None, decode_config(model_name), w, batch_per_rank)["samples_per_s"]
+                    for w in workers}
+        run = deepspeed_run(model_name, 3, ranks, batch_per_rank, steps, warmup, shards, Path(tmp))
+    per_rank = run["samples_per_s"] / ranks
+    return {"config": model_name, "loader_samples_per_s": capacity, "train_samples_per_s_per_rank": per_rank,
+            "headroom": {w: c / per_rank for w, c in capacity.items()}, "data_wait_frac": run["data_wait_frac"],
+            "ranks": ranks}
 
 
 def machine() -> str:
@@ -174,6 +196,14 @@ def table(kind: str, report: dict) -> str:
                 "|---|---|---|---|---|---|---|\n"
                 f"| {r['config']} | {r['parameters'] / 1e6:.1f}M | {r['fwd_gflops_per_sample_max_lengths']:.2f} | "
                 f"{r['batch']} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['train_tflops']:.3f} |")
+    if kind == "loader":
+        r = report
+        lines = ["| loader workers | loader samples/s | training consumes (samples/s per rank) | headroom |", "|---|---|---|---|"]
+        for w, c in r["loader_samples_per_s"].items():
+            lines.append(f"| {w} | {c:.1f} | {r['train_samples_per_s_per_rank']:.1f} | {r['headroom'][w]:.1f}x |")
+        lines.append(f"\nIn the real run ({r['ranks']} ranks, ZeRO-3, 1 worker per rank) the ranks waited for data "
+                     f"{r['data_wait_frac']:.1%} of the step time (median over steps, the slowest rank).")
+        return "\n".join(lines)
     lines = [f"device peak (bf16 matmul, measured): {report['device_peak_tflops']:.3f} TFLOP/s", "",
              "| ZeRO | ranks | global batch | step s | samples/s | plain loop samples/s | ratio | TFLOP/s | MFU |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -207,8 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--zero", default="0,2,3", help="comma list of ZeRO stages")
     t.add_argument("--ranks", default="1,2", help="comma list of rank counts")
     t.add_argument("--batch-per-rank", type=int, default=8)
+    d = sub.add_parser("loader", parents=[common], help="loader samples/s vs what training consumes; data-wait share")
+    d.add_argument("--workers", default="0,1,2", help="comma list of loader worker counts")
+    d.add_argument("--ranks", type=int, default=2)
+    d.add_argument("--batch-per-rank", type=int, default=16)
     args = parser.parse_args(argv)
-    if args.kind == "model":
+    if args.kind == "loader":
+        report = loader_report(args.config, [int(w) for w in args.workers.split(",")], args.ranks, args.batch_per_rank,
+                               args.steps, args.warmup)
+    elif args.kind == "model":
         report = model_report(args.config, args.batch, args.steps, args.warmup)
     else:
         report = throughput_report(args.config, [int(z) for z in args.zero.split(",")],

@@ -33,3 +33,13 @@ def test_throughput_bench_runs_deepspeed_against_the_plain_loop():
     assert row["ratio_vs_plain"] == pytest.approx(row["samples_per_s"] / row["plain_samples_per_s"])
     assert 0 < row["mfu"] < 1 and report["device_peak_tflops"] > 0
     assert row["tflops"] / report["device_peak_tflops"] == pytest.approx(row["mfu"], rel=0.5)  # same peak, other run
+
+
+@pytest.mark.slow
+def test_loader_bench_compares_capacity_with_consumption():
+    report = last_json(run_module("opt_ds.bench", "loader", "--config", "tiny", "--workers", "0,1", "--ranks", "2",
+                                  "--steps", "2", "--warmup", "1", "--batch-per-rank", "4", "--json", timeout=900).stdout)
+    assert set(report["loader_samples_per_s"]) == {"0", "1"}
+    for w, capacity in report["loader_samples_per_s"].items():
+        assert capacity > 0 and report["headroom"][w] == pytest.approx(capacity / report["train_samples_per_s_per_rank"])
+    assert 0 <= report["data_wait_frac"] < 1
