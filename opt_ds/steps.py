@@ -38,9 +38,9 @@ class PretrainStep:
     def plan(self, step: int) -> list[tuple[str, float]]:
         return self.scheduler.plan(step)
 
-    def __call__(self, engine, batch: dict, step: int, device, dtype) -> tuple[torch.Tensor, dict, float]:
+    def __call__(self, engine, batch: dict, step: int, plan: list[tuple[str, float]], device,
+                 dtype) -> tuple[torch.Tensor, dict, float]:
         _, stage = self.scheduler.stage(step)
-        plan = self.plan(step)
         ctx = TaskContext(step_generator(self.seed, step, self.rank), self.image_tokenizer, stage.isolate, self.specials)
         on_device = to_device(batch, device, dtype)
         loss, metrics = engine(partial(run_tasks, batch=on_device, plan=plan, ctx=ctx, tasks=self.tasks))
@@ -53,7 +53,8 @@ class TokenizerStep:
     def plan(self, step: int) -> list[tuple[str, float]]:
         return [("vqvae", 1.0)]
 
-    def __call__(self, engine, batch: dict, step: int, device, dtype) -> tuple[torch.Tensor, dict, float]:
+    def __call__(self, engine, batch: dict, step: int, plan: list[tuple[str, float]], device,
+                 dtype) -> tuple[torch.Tensor, dict, float]:
         loss, metrics = engine(batch["image"].to(device, dtype))
         return loss, {f"vqvae/{k}": float(v) for k, v in metrics.items()} | {"vqvae/loss": float(loss.detach())}, 0.0
 

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
              model_cfg.name, cfg.stage, cfg.deepspeed)
 
     resume_from = checkpoint.find_resume(run_dir / "checkpoints", args.resume)
-    universal = resume_from is not None and checkpoint.read_meta(resume_from)["world_size"] != world_size
+    saved = checkpoint.read_meta(resume_from) if resume_from is not None else None
+    universal = saved is not None and saved["world_size"] != world_size
     if universal:
         checkpoint.convert_to_universal(resume_from, rank)
         ds_config["checkpoint"] = {"load_universal": True}
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     start_step = 0
     if resume_from is not None:
         data_state = checkpoint.load(engine, resume_from, rank, universal)
-        start_step = checkpoint.read_meta(resume_from)["step"]
+        start_step = saved["step"]
         if data_state is None:
             log.warning("world size changed (%d -> %d): model and optimizer resumed at step %d, the data stream restarts",
-                        checkpoint.read_meta(resume_from)["world_size"], world_size, start_step)
+                        saved["world_size"], world_size, start_step)
         else:
             loader.load_state_dict(data_state)
         log.info("resumed from %s at step %d", resume_from, start_step)

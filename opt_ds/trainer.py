@@ -15,10 +15,10 @@ from opt_ds import checkpoint
 from opt_ds.config import ExperimentConfig
 from opt_ds.distributed import all_reduce, any_rank, barrier, device
 from opt_ds.engine import clear_stale_gradients, compute_dtype
-from opt_ds.model.config import ModelConfig
 from opt_ds.evaluation import eval_batches, generations, retrieval
 from opt_ds.metrics import (MetricWindow, Reporter, cuda_peak_tflops, global_skip_counts, measure_matmul_peak_tflops,
                             modality_tokens)
+from opt_ds.model.config import ModelConfig
 from opt_ds.signals import EXIT_RESUMABLE, StopRequest
 
 log = logging.getLogger("opt_ds.trainer")
@@ -56,15 +56,16 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=self.rank != 0, desc="train", unit="step", dynamic_ncols=True)
         for step in range(self.start_step, cfg.steps):
             self.engine.train()
+            plan = self.step_fn.plan(step)
             for _ in range(cfg.gradient_accumulation):
                 waited = time.perf_counter()
                 batch = next(batches)
                 waited = time.perf_counter() - waited
-                loss, metrics, flops = self.step_fn(self.engine, batch, step, self.device, self.dtype)
+                loss, metrics, flops = self.step_fn(self.engine, batch, step, plan, self.device, self.dtype)
                 metrics["optim/lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
                 self.engine.backward(loss)
                 self.engine.step()
-                window.add_step(metrics, float(loss.detach()), self.step_fn.plan(step), len(batch["keys"]), flops,
+                window.add_step(metrics, float(loss.detach()), plan, len(batch["keys"]), flops,
                                 modality_tokens(batch, self.model_cfg), waited)
                 self._record_keys(step, batch)
             clear_stale_gradients(self.engine)
