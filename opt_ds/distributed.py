@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -25,10 +26,27 @@ def init_distributed() -> tuple[int, int, int]:
                                timeout=timedelta(minutes=30))
     if method == "mpi":
         fix_mpi_local_rank()
+    unlink_shm_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm op (CPU accelerator, all ranks on one node) creates a ~70 MB segment per rank and never
+    unlinks it: every run left them in /dev/shm, which is RAM. The mappings stay valid after the unlink, and
+    the memory is freed when the last rank exits, also after a crash.
+    """
+    if torch.cuda.is_available():
+        return
+    barrier()  # shm_initialize returns only after opening every other rank's buffer
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def device() -> torch.device:

@@ -55,9 +55,12 @@ def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: Pa
 
 def train_ranks(ranks: int, *args: str, timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module opt_ds.train ...` on a free port (CPU: N ranks, gloo)."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "opt_ds.train", *args]
     proc = run_bounded(cmd, timeout)
     if proc.returncode != expect:
         raise AssertionError(f"training exited {proc.returncode}, expected {expect}:\n{proc.stdout[-6000:]}")
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"DeepSpeed's shm all-reduce buffers left in /dev/shm (RAM): {leaked}"
     return proc
