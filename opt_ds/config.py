@@ -131,8 +131,20 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)
 
 
-def load_deepspeed_config(cfg: ExperimentConfig) -> dict:
-    """The DeepSpeed JSON with batch sizes, accumulation and clipping filled in from the experiment config."""
+AUTO_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_reuse_distance")
+
+
+def auto_bucket_size(parameters: int) -> int:
+    """Elements per communication bucket for `"auto"`: an eighth of the model, within [1e6, 5e8].
+
+    A few collectives per step, and a bucket of ~1/64 of the model state (16 B/param against 2 B per bucket
+    element over 8). DeepSpeed's fixed default of 5e8 elements is a 1 GB bucket even for a 10M-parameter model.
+    """
+    return int(min(5e8, max(1e6, parameters // 8)))
+
+
+def load_deepspeed_config(cfg: ExperimentConfig, parameters: int) -> dict:
+    """The DeepSpeed JSON with batch sizes, accumulation, clipping and the "auto" values filled in."""
     path = resolve_path(cfg.deepspeed)
     if not path.is_file():
         raise ConfigError(f"deepspeed config not found: {cfg.deepspeed}")
@@ -148,6 +160,13 @@ def load_deepspeed_config(cfg: ExperimentConfig) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.reader.batch_size
     ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation
     ds["gradient_clipping"] = cfg.train.grad_clip
+    types = ds.get("data_types", {})
+    if types.get("grad_accum_dtype") == "auto":  # fp32 only pays when micro-batches are summed (reduction is bf16 anyway)
+        types["grad_accum_dtype"] = "fp32" if cfg.train.gradient_accumulation > 1 else "bf16" if ds.get("bf16", {}).get("enabled") else "fp16"
+    zero = ds.get("zero_optimization", {})
+    for key in AUTO_BUCKET_KEYS:
+        if zero.get(key) == "auto":
+            zero[key] = auto_bucket_size(parameters)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -1,4 +1,9 @@
-"""Training metrics: throughput, model FLOPs and MFU, memory, data wait; TensorBoard and summary.json (rank 0)."""
+"""Training metrics: throughput, model FLOPs and MFU, memory, data wait; TensorBoard and summary.json (rank 0).
+
+Memory per log window, the largest rank: `memory/peak_mb` (CUDA allocated, or resident memory on CPU) and
+`memory/transient_mb`, how far the steps rose above the window's start (activations, gathered ZeRO-3
+parameters, temporaries: what activation checkpointing shrinks).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import psutil
 import torch
 
+from opt_ds import memory
 from opt_ds.distributed import all_gather_object, all_reduce
 from opt_ds.model.config import ModelConfig, subsampled_length
 from opt_ds.model.size import forward_flops, lengths_for
@@ -81,6 +86,8 @@ class MetricWindow:
         self.samples = 0.0
         self.flops = 0.0
         self.data_wait = 0.0
+        memory.reset_peak()
+        self.start_bytes = memory.current_bytes()
         self.start = time.perf_counter()
 
     def add_step(self, metrics: dict[str, float], total_loss: float, plan, samples: int, flops: float,
@@ -101,9 +108,9 @@ class MetricWindow:
         elapsed = time.perf_counter() - self.start
         keys = ["text", "image", "audio"]
         totals = all_reduce([self.samples, self.flops] + [self.counts[k] for k in keys])
-        rss = psutil.Process().memory_info().rss / 2**20
-        cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-        wait_max, rss_max, cuda_max = all_reduce([self.data_wait / max(elapsed, 1e-9), rss, cuda], "max")
+        peak = memory.peak_bytes()
+        wait_max, peak_max, transient_max = all_reduce(
+            [self.data_wait / max(elapsed, 1e-9), peak / 2**20, (peak - self.start_bytes) / 2**20], "max")
         out = {k: sum(v) / len(v) for k, v in self.values.items()}
         tflops = totals[1] / elapsed / 1e12
         out.update({
@@ -112,12 +119,11 @@ class MetricWindow:
             "perf/mfu": tflops / peak_tflops if peak_tflops else 0.0,
             "perf/data_wait_frac": wait_max,
             "perf/step_time_s": elapsed / max(self.steps, 1),
-            "memory/rss_mb_max_rank": rss_max,
+            "memory/peak_mb": peak_max,
+            "memory/transient_mb": transient_max,
         })
         for k, total in zip(keys, totals[2:]):
             out[f"perf/{k}_tokens_per_s"] = total / elapsed
-        if torch.cuda.is_available():
-            out["memory/cuda_max_allocated_mb"] = cuda_max
         for name, n in self.tasks.items():
             out[f"schedule/task_frac/{name}"] = n / max(self.steps, 1)
         return out

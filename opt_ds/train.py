@@ -21,6 +21,7 @@ from opt_ds.dataclass_config import ConfigError
 from opt_ds.distributed import device, init_distributed
 from opt_ds.engine import build_engine
 from opt_ds.model.config import load_model_config
+from opt_ds.model.size import parameter_count
 from opt_ds.steps import PretrainStep, TokenizerStep, load_image_tokenizer, needs_image_tokenizer
 from opt_ds.tasks import TASKS, TaskScheduler, TextSpecials
 from opt_ds.trainer import Trainer
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         model_cfg = load_model_config(cfg.model, cfg.model_overrides)
         scheduler = TaskScheduler(cfg.schedule, set(TASKS))
-        ds_config = load_deepspeed_config(cfg)
+        ds_config = load_deepspeed_config(cfg, parameter_count(model_cfg)["total"])
         loader_check = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader)  # shard specs checked
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"opt_ds.train: config error: {exc}", file=sys.stderr)

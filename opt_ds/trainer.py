@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from opt_ds import checkpoint
+from opt_ds import checkpoint, memory
 from opt_ds.config import ExperimentConfig
-from opt_ds.distributed import all_reduce, any_rank, barrier, device
+from opt_ds.distributed import all_gather_object, all_reduce, any_rank, barrier, device
 from opt_ds.engine import clear_stale_gradients, compute_dtype
 from opt_ds.evaluation import eval_batches, generations, retrieval
 from opt_ds.metrics import (MetricWindow, Reporter, cuda_peak_tflops, global_skip_counts, measure_matmul_peak_tflops,
@@ -64,6 +64,8 @@ class Trainer:
                 loss, metrics, flops = self.step_fn(self.engine, batch, step, plan, self.device, self.dtype)
                 metrics["optim/lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
                 self.engine.backward(loss)
+                if step == self.start_step + 1:  # gradients live and optimizer state created by the first step
+                    self._record_model_state()
                 self.engine.step()
                 window.add_step(metrics, float(loss.detach()), plan, len(batch["keys"]), flops,
                                 modality_tokens(batch, self.model_cfg), waited)
@@ -71,10 +73,10 @@ class Trainer:
             clear_stale_gradients(self.engine)
             done = step + 1
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            logged = done % cfg.log_every == 0 or done == cfg.steps
+            if logged:
                 values = self._log(done, window, peak)
                 bar.set_postfix(loss=f"{values['loss/total']:.3f}", sps=f"{values['perf/samples_per_s']:.1f}")
-                window.reset()
             if self._due(done, cfg.eval_every):
                 self.evaluate(done)
             stopping = any_rank(self.stop.requested) or (self.stop_at is not None and done >= self.stop_at and done < cfg.steps)
@@ -84,9 +86,18 @@ class Trainer:
                 log.warning("stopped at step %d on request; resume with --resume auto", done)
                 bar.close()
                 return EXIT_RESUMABLE
+            if logged:  # the next window times and measures training steps only, not evaluation or saving
+                window.reset()
         bar.close()
         self.reporter.close()
         return 0
+
+    def _record_model_state(self) -> None:
+        """Collective: every rank's model-state bytes by category between backward and optimizer step, into summary.json."""
+        per_rank = all_gather_object(memory.model_state_bytes(self.engine))
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        self.reporter.summary["memory"] = {"parameters": parameters, "model_state_bytes_per_rank": per_rank}
+        log.info("model state on this rank (bytes): %s", per_rank[self.rank])
 
     def _due(self, done: int, every: int) -> bool:
         return done == self.cfg.train.steps or (every > 0 and done % every == 0)

@@ -43,3 +43,20 @@ def test_loader_bench_compares_capacity_with_consumption():
     for w, capacity in report["loader_samples_per_s"].items():
         assert capacity > 0 and report["headroom"][w] == pytest.approx(capacity / report["train_samples_per_s_per_rank"])
     assert 0 <= report["data_wait_frac"] < 1
+
+
+@pytest.mark.slow
+def test_memory_bench_measures_model_state_per_zero_stage():
+    report = last_json(run_module("opt_ds.bench", "memory", "--config", "tiny", "--zero", "0,3", "--ranks", "2",
+                                  "--steps", "1", "--warmup", "1", "--batch-per-rank", "2", "--json", timeout=900).stdout)
+    assert report["parameters"] == parameter_count(load_model_config("tiny"))["total"]
+    zero0, zero3 = report["rows"]
+    assert zero0["bytes_per_param"] == pytest.approx(16, rel=0.02)  # bf16 weights + bf16 grads + fp32 Adam, whole
+    assert zero3["bytes_per_param"] == pytest.approx(8, rel=0.1)  # the same, halved over 2 ranks
+    for row in (zero0, zero3):
+        b = row["bytes"]
+        assert row["model_state_bytes"] == b["parameters"] + b["gradients"] + b["optimizer"]
+        assert row["ratio_vs_expected"] == pytest.approx(row["model_state_bytes"] / row["expected_bytes"])
+    assert zero3["bytes"]["optimizer"] == pytest.approx(zero0["bytes"]["optimizer"] / 2, rel=0.02)
+    assert [c["activation_checkpointing"] for c in report["checkpointing"]] == [False, True]
+    assert all(c["peak_mb"] > c["transient_mb"] > 0 for c in report["checkpointing"])

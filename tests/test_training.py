@@ -107,7 +107,7 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
     tb = scalars(mixed_run)
     expected = ["loss/total", "optim/lr", "optim/grad_norm", "optim/loss_scale", "optim/skipped_steps",
                 "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/data_wait_frac", "perf/text_tokens_per_s",
-                "perf/image_tokens_per_s", "perf/audio_tokens_per_s", "memory/rss_mb_max_rank", "data/samples_seen",
+                "perf/image_tokens_per_s", "perf/audio_tokens_per_s", "memory/peak_mb", "memory/transient_mb", "data/samples_seen",
                 "schedule/stage", "eval/text->image/R@1", "eval/audio->image/R@10", "eval/text->audio/R@5"]
     for tag in expected:
         assert tag in tb, tag

@@ -1,0 +1,82 @@
+"""The benchmark plot: training throughput and per-rank model state against the config, from recorded runs.
+
+Reads benchmarks/records.jsonl (one JSON line per `python -m opt_ds.bench ... --record`); the newest record
+of each (kind, config) wins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from opt_ds.model.config import load_model_config  # noqa: E402
+from opt_ds.model.size import parameter_count  # noqa: E402
+
+
+def newest_reports(records: Path) -> dict[str, dict[str, dict]]:
+    """{kind: {config: report}} keeping the last record of each."""
+    out: dict[str, dict[str, dict]] = {}
+    for line in records.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            if "config" in entry["report"]:  # scale reports span several configs
+                out.setdefault(entry["kind"], {})[entry["report"]["config"]] = entry["report"]
+    return out
+
+
+def plot(records: Path, out: Path) -> Path:
+    reports = newest_reports(records)
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+
+    def by_size(configs):
+        return sorted(configs, key=lambda c: parameter_count(load_model_config(c))["total"])
+
+    throughput = reports.get("throughput", {})
+    configs = by_size(throughput)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for i, config in enumerate(configs):
+        report = throughput[config]
+        for row in report["rows"]:
+            series.setdefault(f"ZeRO-{row['zero']}, {row['ranks']} rank(s)", []).append((i, row["samples_per_s"]))
+            series.setdefault(f"plain loop, batch {row['global_batch']}", []).append((i, row["plain_samples_per_s"]))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(set(points)))
+        speed.plot(xs, ys, marker="o", linestyle="--" if label.startswith("plain") else "-", label=label)
+    speed.set_xticks(range(len(configs)), configs)
+    speed.set_yscale("log")
+    speed.set_ylabel("training samples/s")
+    speed.set_title("Throughput (every task each step)")
+    speed.legend(fontsize=7)
+
+    mem = reports.get("memory", {})
+    configs = by_size(mem)
+    stages = sorted({row["zero"] for report in mem.values() for row in report["rows"]})
+    width = 0.8 / max(1, len(stages))
+    for k, zero in enumerate(stages):
+        xs, measured, expected = [], [], []
+        for i, config in enumerate(configs):
+            for row in mem[config]["rows"]:
+                if row["zero"] == zero:
+                    xs.append(i + (k - (len(stages) - 1) / 2) * width)
+                    measured.append(row["model_state_bytes"] / 2**20)
+                    expected.append(row["expected_bytes"] / 2**20)
+        memory.bar(xs, measured, width, label=f"ZeRO-{zero} measured")
+        memory.scatter(xs, expected, marker="_", s=300, color="black", zorder=3,
+                       label="16 B/param accounting" if k == 0 else None)
+    ranks = {report["ranks"] for report in mem.values()}
+    memory.set_xticks(range(len(configs)), configs)
+    memory.set_yscale("log")
+    memory.set_ylabel("MiB per rank")
+    memory.set_title(f"Model state per rank ({'/'.join(map(str, sorted(ranks)))} ranks)")
+    memory.legend(fontsize=7)
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
