@@ -317,8 +317,12 @@ def machine() -> str:
 
 
 def commit() -> str:
-    out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO_ROOT)
-    return out.stdout.strip() or "unknown"
+    """HEAD, marked -dirty when tracked files other than the records themselves differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)BENCHMARKS.md", ":(exclude)benchmarks")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if changed else "")
 
 
 def table(kind: str, report: dict) -> str:
