@@ -262,8 +262,8 @@ NVME_BYTES_PER_PARAM = 18  # swapped: bf16 weights, fp32 master copy, Adam momen
 SCALE_MODES = {"zero3": "zero3_bf16.json", "cpu_offload": "zero3_offload_cpu.json", "nvme_offload": "zero3_offload_nvme.json"}
 
 
-def scale_report(configs: list[str], modes: list[str], ranks: int, nvme_dir: Path | None) -> dict:
-    """For each mode, the named configs in order of size until one cannot train: one measured step after a warm-up."""
+def scale_report(configs: list[str], modes: list[str], ranks: int, nvme_dir: Path | None, steps: int, warmup: int) -> dict:
+    """For each mode, the named configs in order of size until one cannot train (batch 1 per rank)."""
     rows, largest = [], {}
     configs = sorted(configs, key=lambda c: parameter_count(load_model_config(c))["total"])
     with tempfile.TemporaryDirectory(prefix="opt_ds_bench_") as tmp:
@@ -288,7 +288,7 @@ def scale_report(configs: list[str], modes: list[str], ranks: int, nvme_dir: Pat
                     rows.append(row)
                     break
                 try:
-                    run = deepspeed_run(name, 3, ranks, 1, 1, 1, shards, work, ds_config=ds_path, name=f"{mode}_{name}")
+                    run = deepspeed_run(name, 3, ranks, 1, steps, warmup, shards, work, ds_config=ds_path, name=f"{mode}_{name}")
                     row.update(ok=True, step_s=run["step_s"], peak_mb=run["peak_mb"])
                     largest[mode] = {"config": name, "parameters": row["parameters"]}
                 except RunFailed as exc:
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         report = memory_report(args.config, [int(z) for z in args.zero.split(",")], args.ranks, args.batch_per_rank,
                                args.steps, args.warmup)
     elif args.kind == "scale":
-        report = scale_report(args.configs.split(","), args.modes.split(","), args.ranks, args.nvme_path)
+        report = scale_report(args.configs.split(","), args.modes.split(","), args.ranks, args.nvme_path, args.steps, args.warmup)
     elif args.kind == "mfu":
         report = mfu_report(args.config, args.zero, args.ranks, args.batch_per_rank, args.steps, args.warmup)
     elif args.kind == "model":
