@@ -193,6 +193,7 @@ def throughput_report(model_name: str, zeros: list[int], ranks: list[int], batch
                 plain[global_batch] = global_batch / statistics.median(plain_step_times(model_name, global_batch, steps, warmup))
             for zero in zeros:
                 row = deepspeed_run(model_name, zero, n, batch_per_rank, steps, warmup, shards, Path(tmp))
+                row["mfu"] = row["tflops"] / peak  # the peak measured here, the same for every row
                 row["plain_samples_per_s"] = plain[global_batch]
                 row["ratio_vs_plain"] = row["samples_per_s"] / plain[global_batch]
                 rows.append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Callable
 
@@ -14,6 +15,8 @@ from opt_ds.config import ExperimentConfig, OptimConfig
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
+
+log = logging.getLogger("opt_ds.engine")
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -84,10 +87,38 @@ def build_engine(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict)
     module, hf_handle = build_module(cfg, model_cfg, ds_config)
     optimizer = build_optimizer(parameter_groups(module, cfg.optim.weight_decay), cfg.optim, ds_config)
     factor = warmup_cosine(cfg.optim, cfg.train.steps)
+    hooks_before = {m: (set(m._forward_pre_hooks), set(m._forward_hooks)) for m in module.modules()}
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    if zero_stage(ds_config) == 3:
+        log.info("ZeRO-3 hooks dropped from %d submodules without parameters of their own",
+                 drop_zero3_hooks_without_parameters(module, hooks_before))
     return engine, scheduler, hf_handle
+
+
+def drop_zero3_hooks_without_parameters(root: nn.Module, hooks_before: dict) -> int:
+    """Remove the hooks ZeRO-3 puts on submodules that hold no parameters of their own; -> how many modules.
+
+    DeepSpeed hooks every submodule (four hooks, and autograd functions around its inputs and outputs)
+    to gather its own parameters (`recurse=False`) just in time. Containers, activations, dropouts and
+    identities have none to gather, so their hooks are pure overhead: about half of the modules of our
+    models, and the larger part of ZeRO-3's cost over ZeRO-2 on small models (BENCHMARKS.md). Modules with
+    registered external parameters, and the root (whose hooks start and end each forward), keep theirs.
+    """
+    dropped = 0
+    for m in root.modules():
+        if m is root or any(True for _ in m.parameters(recurse=False)) or getattr(m, "_external_params", None):
+            continue
+        pre, post = hooks_before.get(m, (set(), set()))
+        for hooks, keep in ((m._forward_pre_hooks, pre), (m._forward_hooks, post)):
+            for key in [k for k in hooks if k not in keep]:
+                del hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+        dropped += 1
+    return dropped
 
 
 def clear_stale_gradients(engine) -> None:

@@ -29,7 +29,8 @@ def device_peak_tflops(rank: int, world_size: int) -> float:
     if torch.cuda.is_available():
         return (cuda_peak_tflops() or measure_matmul_peak_tflops(8192)) * world_size
     nodes = max(1, world_size // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    measured = measure_matmul_peak_tflops(threads=os.cpu_count()) if rank == 0 else 0.0
+    barrier()  # the other ranks wait idle while rank 0 measures the node
+    measured = measure_matmul_peak_tflops(seconds=0.5, threads=os.cpu_count()) if rank == 0 else 0.0
     return all_reduce([measured], "max")[0] * nodes
 
 
