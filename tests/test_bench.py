@@ -60,3 +60,16 @@ def test_memory_bench_measures_model_state_per_zero_stage():
     assert zero3["bytes"]["optimizer"] == pytest.approx(zero0["bytes"]["optimizer"] / 2, rel=0.02)
     assert [c["activation_checkpointing"] for c in report["checkpointing"]] == [False, True]
     assert all(c["peak_mb"] > c["transient_mb"] > 0 for c in report["checkpointing"])
+
+
+@pytest.mark.slow
+def test_scale_bench_trains_with_cpu_and_nvme_offload(tmp_path):
+    swap = tmp_path / "swap"
+    report = last_json(run_module("opt_ds.bench", "scale", "--configs", "tiny", "--modes", "cpu_offload,nvme_offload",
+                                  "--ranks", "1", "--steps", "1", "--warmup", "1", "--nvme-path", str(swap), "--json",
+                                  timeout=1200).stdout)
+    rows = {row["mode"]: row for row in report["rows"]}
+    assert set(rows) == {"cpu_offload", "nvme_offload"}
+    assert all(row["ok"] and row["step_s"] > 0 and row["config"] == "tiny" for row in rows.values()), rows
+    assert report["largest"] == {mode: {"config": "tiny", "parameters": rows[mode]["parameters"]} for mode in rows}
+    assert swap.is_dir() and not any(swap.iterdir())  # the swap files of the run are removed after it
