@@ -38,20 +38,23 @@ def plot(records: Path, out: Path) -> Path:
 
     throughput = reports.get("throughput", {})
     configs = by_size(throughput)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for i, config in enumerate(configs):
-        report = throughput[config]
-        for row in report["rows"]:
-            series.setdefault(f"ZeRO-{row['zero']}, {row['ranks']} rank(s)", []).append((i, row["samples_per_s"]))
-            series.setdefault(f"plain loop, batch {row['global_batch']}", []).append((i, row["plain_samples_per_s"]))
-    for label, points in sorted(series.items()):
-        xs, ys = zip(*sorted(set(points)))
-        speed.plot(xs, ys, marker="o", linestyle="--" if label.startswith("plain") else "-", label=label)
+    runs = sorted({(row["zero"], row["ranks"]) for report in throughput.values() for row in report["rows"]})
+    width = 0.8 / max(1, len(runs))
+    for k, (zero, ranks) in enumerate(runs):
+        xs, ratios = [], []
+        for i, config in enumerate(configs):
+            for row in throughput[config]["rows"]:
+                if (row["zero"], row["ranks"]) == (zero, ranks):
+                    xs.append(i + (k - (len(runs) - 1) / 2) * width)
+                    ratios.append(row["ratio_vs_plain"])
+        bars = speed.bar(xs, ratios, width, label=f"ZeRO-{zero}, {ranks} rank(s)")
+        speed.bar_label(bars, fmt="%.2f", fontsize=7)
+    speed.axhline(1.0, color="black", linewidth=0.8)
+    speed.axhline(0.9, color="grey", linestyle="--", linewidth=0.8, label="0.9x target")
     speed.set_xticks(range(len(configs)), configs)
-    speed.set_yscale("log")
-    speed.set_ylabel("training samples/s")
-    speed.set_title("Throughput (every task each step)")
-    speed.legend(fontsize=7)
+    speed.set_ylabel("samples/s relative to the plain PyTorch loop")
+    speed.set_title("Training throughput (same global batch, every task each step)")
+    speed.legend(fontsize=7, loc="lower right")
 
     mem = reports.get("memory", {})
     configs = by_size(mem)

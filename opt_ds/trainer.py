@@ -50,10 +50,10 @@ class Trainer:
 
     def fit(self) -> int:
         cfg = self.cfg.train
+        batches = iter(self.loader)  # the workers start and decode their first batches while the peak is measured
         peak = device_peak_tflops(self.rank, self.world_size)
         self.reporter.summary["device_peak_tflops"] = peak
         window = MetricWindow()
-        batches = iter(self.loader)
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=self.rank != 0, desc="train", unit="step", dynamic_ncols=True)
         for step in range(self.start_step, cfg.steps):
             self.engine.train()

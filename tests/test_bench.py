@@ -73,3 +73,9 @@ def test_scale_bench_trains_with_cpu_and_nvme_offload(tmp_path):
     assert all(row["ok"] and row["step_s"] > 0 and row["config"] == "tiny" for row in rows.values()), rows
     assert report["largest"] == {mode: {"config": "tiny", "parameters": rows[mode]["parameters"]} for mode in rows}
     assert swap.is_dir() and not any(swap.iterdir())  # the swap files of the run are removed after it
+
+
+def test_plot_draws_the_recorded_figures(tmp_path):
+    out = tmp_path / "bench.png"
+    run_module("opt_ds.bench", "plot", "--out", str(out))  # from benchmarks/records.jsonl
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
