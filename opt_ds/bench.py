@@ -156,8 +156,8 @@ class RunFailed(RuntimeError):
         self.output = output
 
     def reason(self) -> str:
-        if re.search(r"exits with return code = -9|Killed|out of memory|OutOfMemory|Cannot allocate memory", self.output):
-            return "out of memory"
+        if re.search(r"return code\s*=?\s*-9\b|Killed|out of memory|OutOfMemory|Cannot allocate memory", self.output):
+            return "killed (SIGKILL: out of memory)"
         if re.search(r"No space left on device", self.output):
             return "out of disk space"
         errors = [line for line in self.output.splitlines() if re.search(r"Error|error:", line)]
