@@ -2,8 +2,9 @@
 
 Model state is counted from the tensors the DeepSpeed engine holds, whatever the ZeRO stage:
 parameters (the module's parameters and buffers, or their ZeRO-3 partitions), gradients (`.grad` and
-DeepSpeed's gradient buffers), optimizer state (the fp32 master copies and moments) and other buffers (communication buckets and the like). Each storage counts once, at its
-full size, in the first category that reaches it. Peaks: CUDA's allocator peak, or the process's
+DeepSpeed's gradient buffers), optimizer state (the fp32 master copies and moments) and other buffers
+(communication buckets and the like). Each storage counts once, at its full size, in the first category
+that reaches it. Peaks: CUDA's allocator peak, or the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs) on CPU.
 """
 
