@@ -11,7 +11,7 @@ from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.plain_loop import task_trend, train_plain
-from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, step_generator
+from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
 from opt_ds.tasks.matching import swap_sources
 
@@ -112,6 +112,24 @@ def test_every_data_mix_runs_the_same_modules(setup, name):
             loss.backward()
         runs.append(_modules_run(model, step))
     assert runs[0] == runs[1]
+
+
+def test_one_encoder_pass_for_all_tasks_gives_each_task_its_own_loss_and_runs_every_module_once(setup):
+    """The runner encodes all tasks of a step together: same losses as one task at a time, one call per module."""
+    cfg, model, vq, batch = setup
+    tasks = {name: cls() for name, cls in TASKS.items()}
+    plan = [(name, 1.0) for name in sorted(TASKS)]
+    alone = {}
+    ctx = ctx_for(vq, step=3)
+    for name, _ in plan:  # the same draws, in the same order, as the joint run below
+        alone[name] = float(tasks[name](model, batch, ctx)[0].detach())
+    joint: dict = {}
+    order = _modules_run(model, lambda: joint.update(run_tasks(model, batch, plan, ctx_for(vq, step=3), tasks)[1]))
+    for name, loss in alone.items():
+        assert joint[f"{name}/loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6), name
+    called = [n for n in order if n]
+    assert len(called) == len(set(called)), sorted(n for n in set(called) if called.count(n) > 1)[:5]
+    assert {"text", "vision", "audio", "fusion", "text_decoder", "image_decoder"} <= set(called)
 
 
 def test_unpaired_batches_give_zero_loss_for_tasks_that_do_not_apply(setup):

@@ -23,6 +23,9 @@ class Fused:
     def part(self, modality: str) -> torch.Tensor:
         return self.tokens[:, self.spans[modality]]
 
+    def rows(self, rows: slice) -> "Fused":
+        return Fused(self.tokens[rows], self.valid[rows], self.spans)
+
 
 class CrossModalEncoder(nn.Module):
     """Absent or excluded modalities are masked out of attention; the fusion CLS is always valid."""
@@ -41,16 +44,13 @@ class CrossModalEncoder(nn.Module):
         """
         first = parts["text"][0]
         batch, device = first.shape[0], first.device
-        cls_type = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        pieces = [self.type_embed(cls_type)]
-        valids = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
-        for name in MODALITY_ORDER:
-            tokens, valid = parts[name]
-            types = torch.full(tokens.shape[:2], MODALITY_TYPES[name], dtype=torch.long, device=device)
-            pieces.append(self.proj[name](tokens) + self.type_embed(types))
-            valids.append(valid)
-        valid = torch.cat(valids, dim=1)
-        return self.transformer(torch.cat(pieces, dim=1), mask=key_padding_mask(valid)), valid
+        projected = [self.proj[name](parts[name][0]) for name in MODALITY_ORDER]
+        cls = torch.zeros(batch, 1, projected[0].shape[-1], dtype=projected[0].dtype, device=device)
+        types = torch.cat([torch.full((batch, 1 if name == "cls" else parts[name][0].shape[1]), MODALITY_TYPES[name],
+                                      dtype=torch.long, device=device) for name in ("cls", *MODALITY_ORDER)], dim=1)
+        tokens = torch.cat([cls, *projected], dim=1) + self.type_embed(types)  # one call: one ZeRO-3 fetch
+        valid = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device)] + [parts[n][1] for n in MODALITY_ORDER], dim=1)
+        return self.transformer(tokens, mask=key_padding_mask(valid)), valid
 
 
 def spans(lengths: dict[str, int]) -> dict[str, slice]:

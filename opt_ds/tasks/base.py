@@ -1,4 +1,5 @@
-"""What every task shares: the per-step context, masking helpers, and graph-stable losses.
+"""What every task shares: the two-phase task protocol, the per-step context, masking helpers, and
+graph-stable losses.
 
 Graph stability: under ZeRO-3 every rank must run the same modules in the same order, so a task
 never branches on the data. A rank whose batch holds nothing for a task still runs the same modules
@@ -7,12 +8,15 @@ and gets a zero loss that is connected to the graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from opt_ds.model.fusion import Fused
+from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.model.vqvae import VQVAE
+from opt_ds.tasks.encoding import EncoderRequest, encode_requests
 
 MASK_RATIO = 0.15
 WHOLE_MODALITY_PROB = 0.3
@@ -44,8 +48,43 @@ class TaskContext:
     isolate: bool = False  # MVP stage 1: token-level tasks see only their own modality
     specials: TextSpecials = TextSpecials()
 
+    _image_codes: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
     def rand(self, *shape: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator).to(device)
+
+    def image_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """VQ codes [B, N] of `images`, computed once per step however many tasks ask."""
+        if self.image_tokenizer is None:
+            raise RuntimeError("this task needs the VQ image tokenizer (model.image_tokenizer in the config)")
+        if self._image_codes is None or self._image_codes[0] is not images:
+            dtype = next(self.image_tokenizer.parameters()).dtype
+            self._image_codes = (images, self.image_tokenizer.encode(images.to(dtype)))
+        return self._image_codes[1]
+
+
+class Task:
+    """A pre-training task in two phases, so the runner can encode every task of a step in one pass:
+    `prepare` draws the task's masks and says what to encode (all its randomness happens here), `score`
+    turns its rows of the encodings into a loss. `task(model, batch, ctx)` runs both for this task alone.
+    """
+
+    name: str
+    components: tuple[str, ...]  # model components the task runs (for the FLOP count)
+
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
+        """-> (what to encode, the state `score` needs)."""
+        raise NotImplementedError
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+        """-> (loss, metrics) from this task's rows of the encodings."""
+        raise NotImplementedError
+
+    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
+        request, state = self.prepare(model, batch, ctx)
+        (uni, fused), = encode_requests(model, [request])
+        return self.score(model, batch, state, uni, fused)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:

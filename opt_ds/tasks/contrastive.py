@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from opt_ds.model.opt import OPTModel
-from opt_ds.tasks.base import TaskContext
+from opt_ds.model.fusion import Fused
+from opt_ds.model.opt import OPTModel, Unimodal
+from opt_ds.tasks.base import Task, TaskContext
+from opt_ds.tasks.encoding import EncoderRequest
 
 PAIRS = tuple(itertools.combinations(("text", "image", "audio"), 2))
 
@@ -48,11 +50,14 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor, o
     return loss, acc.detach()
 
 
-class CrossModalContrastive:
+class CrossModalContrastive(Task):
     name, components = "contrastive", ("text", "vision", "audio", "heads")
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
-        uni = model.unimodal(batch)
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
+        return EncoderRequest(batch, fuse=False), {}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
         emb, scale = model.contrastive_head(uni.pooled())
         has = {m: batch[f"has_{m}"] for m in ("text", "image", "audio")}
         gathered = {m: gather_with_grad(e) for m, e in emb.items()}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from opt_ds.model.opt import OPTModel
-from opt_ds.tasks.base import TaskContext, bert_corrupt, choose_mask, text_candidates, weighted_cross_entropy
-from opt_ds.tasks.token import audio_token_valid, image_codes
+from opt_ds.model.fusion import Fused
+from opt_ds.model.opt import OPTModel, Unimodal
+from opt_ds.tasks.base import Task, TaskContext, bert_corrupt, choose_mask, text_candidates, weighted_cross_entropy
+from opt_ds.tasks.encoding import EncoderRequest
+from opt_ds.tasks.token import audio_token_valid
 
 PARTNER_SPLIT = (0.3, 0.3, 0.4)
 
@@ -23,42 +25,51 @@ def partner_plan(batch_size: int, ctx: TaskContext, device) -> tuple[torch.Tenso
     return whole_a, whole_b
 
 
-class TextGeneration:
+class TextGeneration(Task):
     """Text excluded from the encoder; the text decoder regenerates it from image + audio."""
 
     name, components = "text_gen", ("text", "vision", "audio", "fusion", "text_decoder")
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         whole_image, whole_audio = partner_plan(batch["image"].shape[0], ctx, batch["image"].device)
         patches = batch["has_image"][:, None].expand(-1, model.cfg.vision.grid ** 2)
         patch_mask = choose_mask(patches, ctx, whole_prob=0.0) & ~whole_image[:, None]
         audio_mask = choose_mask(audio_token_valid(batch, model), ctx, whole_prob=0.0) & ~whole_audio[:, None]
         keep = {"text": torch.zeros_like(batch["has_text"]), "image": ~whole_image, "audio": ~whole_audio}
-        _, fused = model.encode(batch, keep=keep, patch_mask=patch_mask, audio_token_mask=audio_mask)
+        has_partner = (batch["has_image"] & ~whole_image) | (batch["has_audio"] & ~whole_audio)
+        request = EncoderRequest(batch, patch_mask=patch_mask, audio_token_mask=audio_mask, keep=keep)
+        return request, {"has_partner": has_partner}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
         ids = batch["text_ids"]
         logits = model.text_decoder(ids[:, :-1], fused.tokens, fused.valid)
-        has_partner = (batch["has_image"] & ~whole_image) | (batch["has_audio"] & ~whole_audio)
-        weight = batch["text_mask"][:, 1:] & (batch["has_text"] & has_partner)[:, None]
+        weight = batch["text_mask"][:, 1:] & (batch["has_text"] & state["has_partner"])[:, None]
         loss, acc = weighted_cross_entropy(logits, ids[:, 1:], weight)
         return loss, {"acc": acc, "tokens": weight.sum().float()}
 
 
-class ImageGeneration:
+class ImageGeneration(Task):
     """Image excluded from the encoder; the image decoder predicts its VQ tokens from text + audio."""
 
     name, components = "image_gen", ("text", "vision", "audio", "fusion", "image_decoder")
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
-        codes = image_codes(batch, ctx)
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
+        codes = ctx.image_codes(batch["image"])
         whole_text, whole_audio = partner_plan(codes.shape[0], ctx, codes.device)
         text_mask = choose_mask(text_candidates(batch, ctx), ctx, whole_prob=0.0) & ~whole_text[:, None]
         audio_mask = choose_mask(audio_token_valid(batch, model), ctx, whole_prob=0.0) & ~whole_audio[:, None]
         keep = {"image": torch.zeros_like(batch["has_image"]), "text": ~whole_text, "audio": ~whole_audio}
-        _, fused = model.encode(batch, keep=keep, text_ids=bert_corrupt(batch["text_ids"], text_mask, ctx),
-                                audio_token_mask=audio_mask)
+        corrupted = batch | {"text_ids": bert_corrupt(batch["text_ids"], text_mask, ctx)}
+        has_partner = (batch["has_text"] & ~whole_text) | (batch["has_audio"] & ~whole_audio)
+        request = EncoderRequest(corrupted, audio_token_mask=audio_mask, keep=keep)
+        return request, {"codes": codes, "has_partner": has_partner}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+        codes = state["codes"]
         inputs = torch.cat([torch.full_like(codes[:, :1], model.image_bos), codes[:, :-1]], dim=1)
         logits = model.image_decoder(inputs, fused.tokens, fused.valid)
-        has_partner = (batch["has_text"] & ~whole_text) | (batch["has_audio"] & ~whole_audio)
-        weight = (batch["has_image"] & has_partner)[:, None].expand_as(codes)
+        weight = (batch["has_image"] & state["has_partner"])[:, None].expand_as(codes)
         loss, acc = weighted_cross_entropy(logits, codes, weight)
         return loss, {"acc": acc, "tokens": weight.sum().float()}

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from opt_ds.model.opt import OPTModel
-from opt_ds.tasks.base import TaskContext, weighted_cross_entropy
+from opt_ds.model.fusion import Fused
+from opt_ds.model.opt import OPTModel, Unimodal
+from opt_ds.tasks.base import Task, TaskContext, weighted_cross_entropy
+from opt_ds.tasks.encoding import EncoderRequest
 
 MATCHED, IMAGE_SWAPPED, AUDIO_SWAPPED, BOTH_FROM_ONE, BOTH_FROM_TWO = range(5)
 
@@ -26,22 +28,24 @@ def swap_sources(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image_from, audio_from
 
 
-class ModalityMatching:
+class ModalityMatching(Task):
     name, components = "matching", ("text", "vision", "audio", "fusion", "heads")
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         n = batch["image"].shape[0]
         labels = (ctx.rand(n, device=batch["image"].device) * 5).long().clamp(max=4)
         if n < 3:  # two distinct other samples need a batch of three
             labels = torch.where(labels == BOTH_FROM_TWO, torch.full_like(labels, BOTH_FROM_ONE), labels)
         image_from, audio_from = swap_sources(labels)
-        swapped = dict(batch)
-        swapped.update(image=batch["image"][image_from], has_image=batch["has_image"][image_from],
-                       audio=batch["audio"][audio_from], audio_mask=batch["audio_mask"][audio_from],
-                       has_audio=batch["has_audio"][audio_from])
+        swapped = batch | {"image": batch["image"][image_from], "has_image": batch["has_image"][image_from],
+                           "audio": batch["audio"][audio_from], "audio_mask": batch["audio_mask"][audio_from],
+                           "has_audio": batch["has_audio"][audio_from]}
         triplet = batch["has_text"] & batch["has_image"] & batch["has_audio"]
         weight = triplet & swapped["has_image"] & swapped["has_audio"] & (n > 1)
-        _, fused = model.encode(swapped)
+        return EncoderRequest(swapped), {"labels": labels, "weight": weight}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
         logits = model.matching_head(fused.tokens[:, 0])
-        loss, acc = weighted_cross_entropy(logits, labels, weight)
-        return loss, {"acc": acc, "samples": weight.sum().float()}
+        loss, acc = weighted_cross_entropy(logits, state["labels"], state["weight"])
+        return loss, {"acc": acc, "samples": state["weight"].sum().float()}

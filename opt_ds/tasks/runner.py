@@ -1,19 +1,26 @@
-"""Run one step's task plan: the weighted sum of task losses and their metrics."""
+"""Run one step's task plan: the weighted sum of task losses and their metrics.
+
+All tasks of the plan are prepared first, then encoded together in one pass (see tasks/encoding.py),
+then scored.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from opt_ds.tasks.base import TaskContext
+from opt_ds.tasks.encoding import encode_requests
 
 
 def run_tasks(model, batch: dict, plan: list[tuple[str, float]], ctx: TaskContext,
               tasks: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """-> (weighted total loss, metrics as floats named task/metric)."""
+    prepared = [tasks[name].prepare(model, batch, ctx) for name, _ in plan]
+    encoded = encode_requests(model, [request for request, _ in prepared])
     total = None
     metrics: dict[str, float] = {}
-    for name, weight in plan:
-        loss, task_metrics = tasks[name](model, batch, ctx)
+    for (name, weight), (_, state), (uni, fused) in zip(plan, prepared, encoded):
+        loss, task_metrics = tasks[name].score(model, batch, state, uni, fused)
         total = loss * weight if total is None else total + loss * weight
         metrics[f"{name}/loss"] = float(loss.detach())
         metrics.update({f"{name}/{k}": float(v) for k, v in task_metrics.items()})

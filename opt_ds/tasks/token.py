@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from opt_ds.model.config import subsampled_length
-from opt_ds.model.opt import FRAMES_PER_AUDIO_TOKEN, OPTModel
-from opt_ds.tasks.base import (TaskContext, bert_corrupt, choose_mask, text_candidates, weighted_cross_entropy,
+from opt_ds.model.fusion import Fused
+from opt_ds.model.opt import FRAMES_PER_AUDIO_TOKEN, OPTModel, Unimodal
+from opt_ds.tasks.base import (Task, TaskContext, bert_corrupt, choose_mask, text_candidates, weighted_cross_entropy,
                                zero_if_empty)
+from opt_ds.tasks.encoding import EncoderRequest
 
 COMPONENTS_ALL_ENCODERS = ("text", "vision", "audio", "fusion", "heads")
 
@@ -16,12 +18,6 @@ COMPONENTS_ALL_ENCODERS = ("text", "vision", "audio", "fusion", "heads")
 def partners(batch: dict, own: str, ctx: TaskContext) -> dict[str, torch.Tensor]:
     """Which other modalities take part in the fusion: none in an isolated (uni-modal) stage."""
     return {m: torch.full_like(batch[f"has_{m}"], not ctx.isolate) for m in ("text", "image", "audio") if m != own}
-
-
-def image_codes(batch: dict, ctx: TaskContext) -> torch.Tensor:
-    if ctx.image_tokenizer is None:
-        raise RuntimeError("this task needs the VQ image tokenizer (model.image_tokenizer in the config)")
-    return ctx.image_tokenizer.encode(batch["image"].to(next(ctx.image_tokenizer.parameters()).dtype))
 
 
 def audio_token_valid(batch: dict, model: OPTModel) -> torch.Tensor:
@@ -33,34 +29,42 @@ def audio_token_valid(batch: dict, model: OPTModel) -> torch.Tensor:
     return valid & batch["has_audio"][:, None]
 
 
-class MaskedLanguageModeling:
+class MaskedLanguageModeling(Task):
     name, components = "mlm", COMPONENTS_ALL_ENCODERS
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         mask = choose_mask(text_candidates(batch, ctx), ctx)
-        corrupted = bert_corrupt(batch["text_ids"], mask, ctx)
-        _, fused = model.encode(batch, keep=partners(batch, "text", ctx), text_ids=corrupted)
+        corrupted = batch | {"text_ids": bert_corrupt(batch["text_ids"], mask, ctx)}
+        return EncoderRequest(corrupted, keep=partners(batch, "text", ctx)), {"mask": mask}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+        mask = state["mask"]
         logits = model.mlm_head(fused.part("text")[mask])
-        loss, acc = weighted_cross_entropy(logits, batch["text_ids"][mask], torch.ones_like(batch["text_ids"][mask]))
+        targets = batch["text_ids"][mask]
+        loss, acc = weighted_cross_entropy(logits, targets, torch.ones_like(targets))
         return zero_if_empty(loss, logits), {"acc": acc, "masked": mask.sum().float()}
 
 
-class MaskedVisionModeling:
+class MaskedVisionModeling(Task):
     """Mask 15% of patches (or the whole image, p=0.3) and predict their VQ codes."""
 
     name, components = "mvm", COMPONENTS_ALL_ENCODERS
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
-        codes = image_codes(batch, ctx)
-        candidates = batch["has_image"][:, None].expand_as(codes)
-        mask = choose_mask(candidates, ctx)
-        _, fused = model.encode(batch, keep=partners(batch, "image", ctx), patch_mask=mask)
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
+        codes = ctx.image_codes(batch["image"])
+        mask = choose_mask(batch["has_image"][:, None].expand_as(codes), ctx)
+        return EncoderRequest(batch, patch_mask=mask, keep=partners(batch, "image", ctx)), {"mask": mask, "codes": codes}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+        mask, codes = state["mask"], state["codes"]
         logits = model.mvm_head(fused.part("image")[:, 1:][mask])
         loss, acc = weighted_cross_entropy(logits, codes[mask], torch.ones_like(codes[mask]))
         return zero_if_empty(loss, logits), {"acc": acc, "masked": mask.sum().float()}
 
 
-class MaskedAudioModeling:
+class MaskedAudioModeling(Task):
     """Mask 15% of audio tokens (4 frames each; whole audio with p=0.3); regress their frames, plus an
     InfoNCE term that picks each token's true frames among all masked tokens of the batch."""
 
@@ -69,13 +73,16 @@ class MaskedAudioModeling:
     def __init__(self, contrastive_weight: float = 0.5, temperature: float = 0.1):
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
 
-    def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
-        valid = audio_token_valid(batch, model)
-        mask = choose_mask(valid, ctx)
+    def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
+        mask = choose_mask(audio_token_valid(batch, model), ctx)
+        return EncoderRequest(batch, audio_token_mask=mask, keep=partners(batch, "audio", ctx)), {"mask": mask}
+
+    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
+              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+        mask = state["mask"]
         frames = batch["audio"][:, : model.cfg.audio.max_frames]
-        pad = valid.shape[1] * FRAMES_PER_AUDIO_TOKEN - frames.shape[1]
-        targets = F.pad(frames, (0, 0, 0, pad)).reshape(frames.shape[0], valid.shape[1], -1)[mask].float()
-        _, fused = model.encode(batch, keep=partners(batch, "audio", ctx), audio_token_mask=mask)
+        pad = mask.shape[1] * FRAMES_PER_AUDIO_TOKEN - frames.shape[1]
+        targets = F.pad(frames, (0, 0, 0, pad)).reshape(frames.shape[0], mask.shape[1], -1)[mask].float()
         predicted = model.mam_head(fused.part("audio")[:, 1:][mask]).float()
         regression = F.mse_loss(predicted, targets) if predicted.numel() else predicted.sum() * 0.0
         sim = F.normalize(predicted, dim=-1) @ F.normalize(targets, dim=-1).t() / self.temperature
