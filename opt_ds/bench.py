@@ -1,7 +1,7 @@
 """Measure speed and memory against references, in one run: `python -m opt_ds.bench KIND ... [--record]`.
 
 - model: forward+backward samples/s of a named config in a plain PyTorch loop (all tasks each step,
-  AdamW, bf16 autocast), with its parameters and FLOPs per sample.
+  fused AdamW, bf16 autocast), with its parameters and FLOPs per sample.
 - throughput: real `opt_ds.train` runs under DeepSpeed (ZeRO stages x rank counts) against the plain
   loop at the same global batch, as ratios; MFU against the device peak measured in the same run.
 - mfu: model TFLOP/s of a real run and of the plain loop against a large bf16 matmul measured in the
@@ -73,12 +73,12 @@ def synthetic_batch(model_name: str, batch_size: int) -> dict:
 
 
 def plain_step_times(model_name: str, batch_size: int, steps: int, warmup: int) -> list[float]:
-    """Seconds per step of the plain loop: every task each step, bf16 autocast, AdamW."""
+    """Seconds per step of the plain loop: every task each step, bf16 autocast, fused AdamW."""
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_model_config(model_name)
     model, vq = OPTModel(cfg).to(dev).train(), VQVAE(cfg.vq).to(dev).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tasks = {name: cls() for name, cls in TASKS.items()}
     plan = [(name, 1.0) for name in TASKS]
     batch = to_device(synthetic_batch(model_name, batch_size), torch.device(dev), torch.float32)

@@ -143,6 +143,18 @@ def auto_bucket_size(parameters: int) -> int:
     return int(min(5e8, max(1e6, parameters // 8)))
 
 
+def leaf_module_classes() -> list[str]:
+    """`"leaf_module": "auto"`: ZeRO-3 gathers each transformer layer whole, in one collective per layer.
+
+    Without it DeepSpeed hooks and gathers every linear and norm on its own (and, with a persistence
+    threshold, all-gathers each small parameter after every step, one collective each). A leaf module
+    must run once per forward: the task runner encodes all tasks of a step in one pass for that reason.
+    """
+    from opt_ds.model.opt import LAYER_CLASSES
+
+    return [f"{c.__module__}.{c.__qualname__}" for c in LAYER_CLASSES]
+
+
 def load_deepspeed_config(cfg: ExperimentConfig, parameters: int) -> dict:
     """The DeepSpeed JSON with batch sizes, accumulation, clipping and the "auto" values filled in."""
     path = resolve_path(cfg.deepspeed)
@@ -167,6 +179,8 @@ def load_deepspeed_config(cfg: ExperimentConfig, parameters: int) -> dict:
     for key in AUTO_BUCKET_KEYS:
         if zero.get(key) == "auto":
             zero[key] = auto_bucket_size(parameters)
+    if zero.get("leaf_module") == "auto":
+        zero["leaf_module"] = {"classes": leaf_module_classes()}
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

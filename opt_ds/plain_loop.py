@@ -1,4 +1,4 @@
-"""A plain PyTorch training loop (AdamW, optional bf16 autocast) over the same model and tasks.
+"""A plain PyTorch training loop (fused AdamW, optional bf16 autocast) over the same model and tasks.
 
 The reference the DeepSpeed trainer is measured against, and the quickest way to check that every
 task learns.
@@ -21,7 +21,7 @@ def train_plain(model: OPTModel, batches: Iterable[dict], scheduler: TaskSchedul
                 image_tokenizer: VQVAE | None = None, bf16: bool = True, seed: int = 0) -> list[dict]:
     """-> one record per step: step, task metrics, seconds."""
     tasks = {name: cls() for name, cls in TASKS.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     model.train()
     history = []
     iterator = iter(batches)

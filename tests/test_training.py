@@ -93,7 +93,7 @@ def mixed_run(data, vq_export, tmp_path_factory) -> Path:
 def test_every_task_trains_when_ranks_see_different_modality_mixes(mixed_run):
     logs = [(mixed_run / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
     assert all("world of 2" in log for log in logs)
-    assert re.search(r"ZeRO-3 hooks dropped from [1-9]\d* submodules", logs[0])
+    assert re.search(r"ZeRO-3: [1-9]\d* leaf modules gathered whole; hooks dropped from [1-9]\d* submodules", logs[0])
     seen = [[json.loads(line)["keys"] for line in (mixed_run / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert all(k.startswith("syn000_") for batch in seen[0] for k in batch)  # rank 0: triplets only
     assert not any(k.startswith("syn000_") for batch in seen[1] for k in batch)  # rank 1: unpaired only
@@ -196,6 +196,24 @@ def test_partial_and_missing_checkpoints_are_clear_errors(resume_runs, tmp_path)
         find_resume(tmp_path / "checkpoints", str(tmp_path / "nowhere"))
     proc = run_module("opt_ds.export", "--checkpoint", str(partial), "--out", str(tmp_path / "x.safetensors"), check=False)
     assert proc.returncode == 2 and "partial checkpoint" in proc.stderr
+
+
+def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data, tmp_path):
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from opt_ds.config import load_config, load_deepspeed_config
+    from opt_ds.model.config import load_model_config
+    from opt_ds.model.opt import OPTModel
+
+    ds = load_deepspeed_config(load_config(str(write_config(tmp_path / "c.yaml", data))), 80_000_000)
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_max_reuse_distance"] == 10_000_000
+    assert ds["data_types"]["grad_accum_dtype"] == "bf16"  # no gradient accumulation
+    model = OPTModel(load_model_config("tiny"))
+    leaves = set_z3_leaf_modules(model, zero["leaf_module"]["classes"])
+    names = {m: n for n, m in model.named_modules()}
+    assert {names[m].split(".")[0] for m in leaves} == {"text", "vision", "audio", "fusion", "text_decoder", "image_decoder"}
+    assert len(leaves) == sum(1 for m in model.modules() if type(m).__name__ in ("BertLayer", "Block"))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -6,17 +6,22 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
+from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
+from transformers.models.bert.modeling_bert import BertLayer
 
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.decoders import TokenDecoder
 from opt_ds.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt_ds.model.fusion import CrossModalEncoder, Fused, spans
 from opt_ds.model.heads import ContrastiveHead, LinearHead, MatchingHead, MLMHead
+from opt_ds.model.layers import Block
 
 FRAMES_PER_AUDIO_TOKEN = 4
 T = TypeVar("T")
 COMPONENTS = ("text", "vision", "audio", "fusion", "text_decoder", "image_decoder", "heads")
+# One transformer layer of each tower, decoder and the fusion: the unit ZeRO-3 gathers whole (leaf modules)
+LAYER_CLASSES: tuple[type[nn.Module], ...] = (BertLayer, VitBlock, Block)
 
 
 @dataclass
@@ -29,6 +34,9 @@ class Unimodal:
 
     def pooled(self) -> dict[str, torch.Tensor]:
         return {"text": self.text[:, 0], "image": self.image[:, 0], "audio": self.audio[:, 0]}
+
+    def rows(self, rows: slice) -> "Unimodal":
+        return Unimodal(self.text[rows], self.text_valid[rows], self.image[rows], self.audio[rows], self.audio_valid[rows])
 
 
 class OPTModel(nn.Module):
