@@ -15,7 +15,7 @@ from pathlib import Path
 
 from opt_ds import checkpoint
 from opt_ds.config import config_to_yaml, load_config, load_deepspeed_config
-from opt_ds.data.stream import make_loader
+from opt_ds.data.stream import make_loader, start_worker_server
 from opt_ds.data.tokenizer import load_tokenizer
 from opt_ds.dataclass_config import ConfigError
 from opt_ds.distributed import device, init_distributed
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opt_ds.train: config error: {exc}", file=sys.stderr)
         return 2
     del loader_check
+    if cfg.data.reader.num_workers:
+        start_worker_server()
 
     rank, _, world_size = init_distributed()
     run_dir = setup_run_dir(args.output, rank, cfg)

@@ -16,6 +16,8 @@ from the same logical worker as in an uninterrupted run.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 from collections import Counter
@@ -307,6 +309,16 @@ class ResumableLoader:
 
     def samples_read(self) -> int:
         return sum(w["samples"] for w in self.workers.values())
+
+
+def start_worker_server() -> None:
+    """Start the forkserver that loader workers fork from, with this module imported.
+
+    Call it early, while the trainer is small: a worker then starts as a fork of that server, not as a
+    fresh interpreter importing torch (seconds, during the first steps of a run).
+    """
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    multiprocessing.forkserver.ensure_running()
 
 
 def make_loader(sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig,
