@@ -314,8 +314,9 @@ class ResumableLoader:
 def start_worker_server() -> None:
     """Start the forkserver that loader workers fork from, with this module imported.
 
-    Call it early, while the trainer is small: a worker then starts as a fork of that server, not as a
-    fresh interpreter importing torch (seconds, during the first steps of a run).
+    Call it early (before the engine is built): the server imports torch and this module once while the
+    run sets up, and a worker then starts as a fork of it, not as a fresh interpreter importing torch
+    (seconds, during the first steps of a run).
     """
     multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
     multiprocessing.forkserver.ensure_running()
