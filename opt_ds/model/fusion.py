@@ -46,10 +46,12 @@ class CrossModalEncoder(nn.Module):
         batch, device = first.shape[0], first.device
         projected = [self.proj[name](parts[name][0]) for name in MODALITY_ORDER]
         cls = torch.zeros(batch, 1, projected[0].shape[-1], dtype=projected[0].dtype, device=device)
-        types = torch.cat([torch.full((batch, 1 if name == "cls" else parts[name][0].shape[1]), MODALITY_TYPES[name],
-                                      dtype=torch.long, device=device) for name in ("cls", *MODALITY_ORDER)], dim=1)
+        lengths = {"cls": 1, **{name: parts[name][0].shape[1] for name in MODALITY_ORDER}}
+        types = torch.cat([torch.full((batch, length), MODALITY_TYPES[name], dtype=torch.long, device=device)
+                           for name, length in lengths.items()], dim=1)
         tokens = torch.cat([cls, *projected], dim=1) + self.type_embed(types)  # one call: one ZeRO-3 fetch
-        valid = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device)] + [parts[n][1] for n in MODALITY_ORDER], dim=1)
+        valids = [torch.ones(batch, 1, dtype=torch.bool, device=device)] + [parts[name][1] for name in MODALITY_ORDER]
+        valid = torch.cat(valids, dim=1)
         return self.transformer(tokens, mask=key_padding_mask(valid)), valid
 
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from opt_ds.model.fusion import Fused
+from opt_ds.model.fusion import MODALITY_ORDER, Fused
 from opt_ds.model.opt import OPTModel, Unimodal
 
 ENCODER_INPUTS = ("text_ids", "text_mask", "image", "audio", "audio_mask", "has_text", "has_image", "has_audio")
-MODALITIES = ("text", "image", "audio")
 
 
 @dataclass
@@ -51,8 +50,8 @@ def encode_requests(model: OPTModel, requests: list[EncoderRequest]) -> list[tup
     fused = None
     if fused_rows:
         keep = {m: torch.cat([(r.keep or {}).get(m, torch.ones_like(r.batch[f"has_{m}"])) for r in ordered if r.fuse])
-                for m in MODALITIES}
-        fused_batch = {f"has_{m}": joint[f"has_{m}"][:fused_rows] for m in MODALITIES}
+                for m in MODALITY_ORDER}
+        fused_batch = {f"has_{m}": joint[f"has_{m}"][:fused_rows] for m in MODALITY_ORDER}
         fused = model.fuse(uni.rows(slice(0, fused_rows)), fused_batch, keep)
     results: list[tuple[Unimodal, Fused | None]] = [None] * len(requests)  # type: ignore[list-item]
     start = 0
