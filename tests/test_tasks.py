@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
+from opt_ds.launch import free_port
 from opt_ds.plain_loop import task_trend, train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
+from opt_ds.tasks.contrastive import MODALITIES, contrastive_loss
 from opt_ds.tasks.matching import swap_sources
 
 EXPECTED_GRADS = {  # a parameter of each of these must get a non-zero gradient from the task
@@ -151,6 +157,53 @@ def test_isolated_stage_hides_the_other_modalities(setup):
         b, _ = TASKS["mlm"]()(model, other, ctx_for(vq, isolate=True))
         c, _ = TASKS["mlm"]()(model, other, ctx_for(vq, isolate=False))
     assert a.item() == pytest.approx(b.item(), abs=1e-5) and a.item() != pytest.approx(c.item(), abs=1e-5)
+
+
+def contrastive_inputs(batch: int = 8) -> tuple[dict, dict, torch.Tensor]:
+    """Random unit embeddings; audio missing for the second sample of each half (equal pair counts per rank)."""
+    gen = torch.Generator().manual_seed(0)
+    emb = {m: torch.nn.functional.normalize(torch.randn(batch, 16, generator=gen), dim=-1) for m in MODALITIES}
+    has = {m: torch.ones(batch, dtype=torch.bool) for m in MODALITIES}
+    has["audio"][[1, batch // 2 + 1]] = False
+    return emb, has, torch.tensor(5.0)
+
+
+def contrastive_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: the contrastive loss of its half of the batch, and the gradient of its embeddings."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    emb, has, scale = contrastive_inputs()
+    half = slice(rank * 4, rank * 4 + 4)
+    mine = {m: e[half].clone().requires_grad_() for m, e in emb.items()}
+    loss, metrics = contrastive_loss(mine, {m: h[half] for m, h in has.items()}, scale)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": {m: e.grad for m, e in mine.items()},
+                "acc": {k: v for k, v in metrics.items()}}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_contrastive_on_two_ranks_equals_the_whole_batch_on_one(tmp_path):
+    """Keys gathered from both ranks, gradients sent back to their rank: the data-parallel average of the two
+    halves' losses and gradients is the loss and gradient of the whole batch in one process."""
+    emb, has, scale = contrastive_inputs()
+    whole = {m: e.clone().requires_grad_() for m, e in emb.items()}
+    loss, _ = contrastive_loss(whole, has, scale)
+    loss.backward()
+    spawn = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [spawn.Process(target=contrastive_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.allclose((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, atol=1e-6)
+    for m in MODALITIES:  # each rank's gradient counts both ranks' losses; data parallelism halves it
+        assert torch.allclose(torch.cat([p["grads"][m] for p in parts]) / 2, whole[m].grad, atol=1e-6), m
+        assert whole[m].grad.abs().sum() > 0
 
 
 def test_matching_swaps():

@@ -17,25 +17,26 @@ from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.tasks.base import Task, TaskContext
 from opt_ds.tasks.encoding import EncoderRequest
 
-PAIRS = tuple(itertools.combinations(("text", "image", "audio"), 2))
+MODALITIES = ("text", "image", "audio")
+PAIRS = tuple(itertools.combinations(MODALITIES, 2))
 
 
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate x from every rank (gradients flow back to each rank's part); -> (all, this rank's offset)."""
+def gather_with_grad(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, int]:
+    """Concatenate x from every rank along `dim` (gradients flow back to each rank's part); -> (all, this rank's offset)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     import torch.distributed.nn.functional as dist_fn
 
-    parts = dist_fn.all_gather(x)
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+    parts = dist_fn.all_gather(x.contiguous())
+    return torch.cat(parts, dim=dim), dist.get_rank() * x.shape[dim]
 
 
-def gather_flags(x: torch.Tensor) -> torch.Tensor:
+def gather_flags(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)
 
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor, offset: int, rows: torch.Tensor,
@@ -59,18 +60,25 @@ class CrossModalContrastive(Task):
     def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
               fused: Fused | None) -> tuple[torch.Tensor, dict]:
         emb, scale = model.contrastive_head(uni.pooled())
-        has = {m: batch[f"has_{m}"] for m in ("text", "image", "audio")}
-        gathered = {m: gather_with_grad(e) for m, e in emb.items()}
-        gathered_has = {m: gather_flags(h) for m, h in has.items()}
-        total = scale * 0.0
-        metrics: dict[str, torch.Tensor] = {"temperature": (1.0 / scale).detach()}
-        active = 0
-        for a, b in PAIRS:
-            rows = has[a] & has[b]
-            (keys_b, offset), (keys_a, _) = gathered[b], gathered[a]
-            loss_ab, acc_ab = info_nce(emb[a], keys_b, gathered_has[b], offset, rows, scale)
-            loss_ba, acc_ba = info_nce(emb[b], keys_a, gathered_has[a], offset, rows, scale)
-            total = total + (loss_ab + loss_ba) / 2
-            active += 1
-            metrics[f"{a}_{b}_acc"] = (acc_ab + acc_ba) / 2
-        return total / active, metrics
+        return contrastive_loss(emb, {m: batch[f"has_{m}"] for m in MODALITIES}, scale)
+
+
+def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
+                     scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mean symmetric InfoNCE over the modality pairs against the global batch's keys.
+
+    The three modalities travel stacked: one all-gather for the embeddings and one for the presence flags per
+    step, instead of one of each per modality (each collective is a sync point between ranks).
+    """
+    keys, offset = gather_with_grad(torch.stack([emb[m] for m in MODALITIES]), dim=1)  # [3, N, C]
+    key_valid = gather_flags(torch.stack([has[m] for m in MODALITIES]), dim=1)  # [3, N]
+    index = {m: i for i, m in enumerate(MODALITIES)}
+    total = scale * 0.0
+    metrics: dict[str, torch.Tensor] = {"temperature": (1.0 / scale).detach()}
+    for a, b in PAIRS:
+        rows = has[a] & has[b]
+        loss_ab, acc_ab = info_nce(emb[a], keys[index[b]], key_valid[index[b]], offset, rows, scale)
+        loss_ba, acc_ba = info_nce(emb[b], keys[index[a]], key_valid[index[a]], offset, rows, scale)
+        total = total + (loss_ab + loss_ba) / 2
+        metrics[f"{a}_{b}_acc"] = (acc_ab + acc_ba) / 2
+    return total / len(PAIRS), metrics
