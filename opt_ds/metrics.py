@@ -110,18 +110,24 @@ class MetricWindow:
         self.counts.update(tokens)
         self.data_wait += data_wait
 
-    def reduce(self, peak_tflops: float) -> dict[str, float]:
-        """Collective: global throughput, MFU, memory and data-wait; per-task means as seen on this rank."""
+    def reduce(self, peak_tflops: float, world_size: int, sums: dict[str, float]) -> dict[str, float]:
+        """Collective, one sum and one max over ranks: global throughput, MFU, memory and data wait, the per-task
+        means averaged over ranks, and `sums` (counters of this rank) added up."""
         elapsed = time.perf_counter() - self.start
         keys = ["text", "image", "audio"]
-        totals = all_reduce([self.samples, self.flops] + [self.counts[k] for k in keys])
+        means = {k: sum(v) / len(v) for k, v in self.values.items()}  # the same keys on every rank: same plan
+        totals = all_reduce([self.samples, self.flops] + [self.counts[k] for k in keys] + list(means.values())
+                            + list(sums.values()))
+        samples, flops, tokens = totals[0], totals[1], totals[2:5]
+        rank_means, rank_sums = totals[5:5 + len(means)], totals[5 + len(means):]
         peak = memory.peak_bytes()
         wait_max, peak_max, transient_max = all_reduce(
             [self.data_wait / max(elapsed, 1e-9), peak / 2**20, (peak - self.start_bytes) / 2**20], "max")
-        out = {k: sum(v) / len(v) for k, v in self.values.items()}
-        tflops = totals[1] / elapsed / 1e12
+        out = {k: total / world_size for k, total in zip(means, rank_means)}
+        out.update(zip(sums, rank_sums))
+        tflops = flops / elapsed / 1e12
         out.update({
-            "perf/samples_per_s": totals[0] / elapsed,
+            "perf/samples_per_s": samples / elapsed,
             "perf/tflops": tflops,
             "perf/mfu": tflops / peak_tflops if peak_tflops else 0.0,
             "perf/data_wait_frac": wait_max,
@@ -129,7 +135,7 @@ class MetricWindow:
             "memory/peak_mb": peak_max,
             "memory/transient_mb": transient_max,
         })
-        for k, total in zip(keys, totals[2:]):
+        for k, total in zip(keys, tokens):
             out[f"perf/{k}_tokens_per_s"] = total / elapsed
         for name, n in self.tasks.items():
             out[f"schedule/task_frac/{name}"] = n / max(self.steps, 1)

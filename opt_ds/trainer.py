@@ -104,15 +104,11 @@ class Trainer:
         return done == self.cfg.train.steps or (every > 0 and done % every == 0)
 
     def _log(self, step: int, window: MetricWindow, peak: float) -> dict:
-        values = window.reduce(peak)
-        task_keys = sorted(k for k in values if "/" in k and not k.startswith(("perf/", "memory/", "schedule/")))
-        means = all_reduce([values[k] for k in task_keys])
-        values.update({k: v / self.world_size for k, v in zip(task_keys, means)})  # average over ranks
+        values = window.reduce(peak, self.world_size, {"data/samples_seen": float(self.loader.samples_read())})
         values.update({
             "optim/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "optim/loss_scale": float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0,
             "optim/skipped_steps": float(self.engine.skipped_steps),
-            "data/samples_seen": all_reduce([float(self.loader.samples_read())])[0],
         })
         scheduler = getattr(self.step_fn, "scheduler", None)  # the VQ-VAE stage has none
         if scheduler is not None:
