@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import pickle
 import tarfile
 from collections import Counter
@@ -203,6 +204,18 @@ def test_ranks_and_workers_split_without_overlap(synthetic_shards, workers):
                              ReaderConfig(batch_size=4, num_workers=workers, max_epochs=1), rank=rank, world_size=2)
         seen.append(keys_of(list(loader)))
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 60
+
+
+def test_loader_workers_run_at_the_configured_niceness(synthetic_shards):
+    """Workers decode at low priority so that on a busy CPU node they do not preempt the ranks mid-step."""
+    import psutil
+
+    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(),
+                         ReaderConfig(batch_size=4, num_workers=2, worker_nice=7))
+    batches = iter(loader)
+    next(batches), next(batches)  # one batch from each worker: both have run their start-up
+    niceness = [p.nice() for p in psutil.Process().children(recursive=True)]
+    assert niceness.count(os.nice(0) + 7) == 2, niceness
 
 
 def test_fewer_shards_than_slots_splits_by_sample(tmp_path):

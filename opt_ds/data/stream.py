@@ -22,6 +22,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -58,6 +59,10 @@ class ReaderConfig:
     resample: bool = False  # draw shards with replacement each epoch
     max_epochs: int | None = None  # None streams forever (training); 1 reads one pass
     prefetch_factor: int = 4
+    # niceness of the loader workers: on a node whose cores the ranks keep busy (CPU training), a worker at normal
+    # priority preempts a rank mid-step and the other ranks wait for it at the next collective; at 19 the workers
+    # decode mostly while the ranks wait. 0 leaves them at the trainer's priority.
+    worker_nice: int = 19
 
 
 @dataclass
@@ -250,8 +255,9 @@ class StreamingDataset(IterableDataset):
         return batch
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(nice: int, _: int) -> None:
     torch.set_num_threads(1)
+    os.nice(nice)
 
 
 class ResumableLoader:
@@ -270,7 +276,7 @@ class ResumableLoader:
         self.dataset.resume = self.state_dict()
         # forkserver, not fork: a forked worker shares the trainer's pages copy-on-write, and every page the
         # trainer then writes (gradient buffers, offload swap buffers) is duplicated: +6 GB for `large` here
-        extra = {"prefetch_factor": self.dataset.cfg.prefetch_factor, "worker_init_fn": _worker_init,
+        extra = {"prefetch_factor": self.dataset.cfg.prefetch_factor, "worker_init_fn": partial(_worker_init, self.dataset.cfg.worker_nice),
                  "multiprocessing_context": "forkserver"} if self.num_workers else {}
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)
         for batch in loader:
