@@ -26,8 +26,10 @@ def test_model_bench_reports_consistent_figures():
 @pytest.mark.slow
 def test_throughput_bench_runs_deepspeed_against_the_plain_loop():
     report = last_json(run_module("opt_ds.bench", "throughput", "--config", "tiny", "--zero", "3", "--ranks", "2",
-                                  "--steps", "2", "--warmup", "1", "--batch-per-rank", "2", "--json", timeout=900).stdout)
+                                  "--steps", "2", "--warmup", "1", "--batch-per-rank", "2", "--repeats", "2", "--json",
+                                  timeout=900).stdout)
     (row,) = report["rows"]
+    assert len(row["ratios"]) == 2 and row["ratio_vs_plain"] == min(row["ratios"])  # the lower median of two
     assert (row["zero"], row["ranks"], row["global_batch"]) == (3, 2, 4)
     assert row["samples_per_s"] == pytest.approx(4 / row["step_s"])
     assert row["ratio_vs_plain"] == pytest.approx(row["samples_per_s"] / row["plain_samples_per_s"])
