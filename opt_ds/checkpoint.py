@@ -130,19 +130,22 @@ def convert_to_universal(path: Path, rank: int) -> str:
     return target.name
 
 
-def load(engine, path: Path, rank: int, universal: bool) -> dict | None:
-    """Load model/optimizer/scheduler; -> this rank's data state (None after a world-size change)."""
+def read_data_state(path: Path, rank: int) -> dict:
+    """This rank's data-reader position in a checkpoint: read before the engine exists, so the loader's
+    workers can start decoding while the engine is built."""
+    data_file = path / f"data_rank{rank}.json"
+    if not data_file.is_file():
+        raise CheckpointError(f"{path}: no data state for rank {rank}")
+    return json.loads(data_file.read_text())
+
+
+def load(engine, path: Path, rank: int, universal: bool) -> None:
+    """Load model, optimizer and scheduler state, and this rank's RNG state (not after a world-size change)."""
     tag = universal_tag(path) if universal else path.name
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path.parent / tag}")
-    if universal:
-        return None
     rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+    if not universal and rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
-    data_file = path / f"data_rank{rank}.json"
-    if not data_file.is_file():
-        raise CheckpointError(f"{path}: no data state for rank {rank}")
-    return json.loads(data_file.read_text())

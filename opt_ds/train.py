@@ -83,18 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     if universal:
         checkpoint.convert_to_universal(resume_from, rank)
         ds_config["checkpoint"] = {"load_universal": True}
-    engine, lr_scheduler, _hf_keepalive = build_engine(cfg, model_cfg, ds_config)
     loader = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader, rank, world_size)
+    if saved is not None and not universal:
+        loader.load_state_dict(checkpoint.read_data_state(resume_from, rank))
+    batches = iter(loader)  # the workers start now and decode their first batches while the engine is built
+    engine, lr_scheduler, _hf_keepalive = build_engine(cfg, model_cfg, ds_config)
 
     start_step = 0
     if resume_from is not None:
-        data_state = checkpoint.load(engine, resume_from, rank, universal)
+        checkpoint.load(engine, resume_from, rank, universal)
         start_step = saved["step"]
-        if data_state is None:
+        if universal:
             log.warning("world size changed (%d -> %d): model and optimizer resumed at step %d, the data stream restarts",
                         saved["world_size"], world_size, start_step)
-        else:
-            loader.load_state_dict(data_state)
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     tokenizer = load_tokenizer(cfg.data.decode.tokenizer)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device())
         step_fn = PretrainStep(model_cfg, scheduler, image_tokenizer, TextSpecials.from_tokenizer(tokenizer),
                                cfg.train.seed, rank)
-    trainer = Trainer(cfg, model_cfg, engine, lr_scheduler, loader, step_fn, run_dir, rank, world_size, start_step,
+    trainer = Trainer(cfg, model_cfg, engine, lr_scheduler, loader, batches, step_fn, run_dir, rank, world_size, start_step,
                       tokenizer, image_tokenizer, stop_at=args.stop_at)
     return trainer.fit()
 

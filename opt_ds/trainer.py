@@ -7,12 +7,14 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from opt_ds import checkpoint, memory
 from opt_ds.config import ExperimentConfig
+from opt_ds.data.stream import ResumableLoader
 from opt_ds.distributed import all_gather_object, all_reduce, any_rank, barrier, device
 from opt_ds.engine import clear_stale_gradients, compute_dtype
 from opt_ds.evaluation import eval_batches, generations, retrieval
@@ -35,10 +37,12 @@ def device_peak_tflops(rank: int, world_size: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, model_cfg: ModelConfig, engine, lr_scheduler, loader, step_fn, run_dir: Path, rank: int,
+    def __init__(self, cfg: ExperimentConfig, model_cfg: ModelConfig, engine, lr_scheduler, loader: ResumableLoader,
+                 batches: Iterator[dict], step_fn, run_dir: Path, rank: int,
                  world_size: int, start_step: int, tokenizer=None, image_tokenizer=None, stop_at: int | None = None):
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.engine, self.lr_scheduler, self.loader, self.step_fn = engine, lr_scheduler, loader, step_fn
+        self.engine, self.lr_scheduler, self.step_fn = engine, lr_scheduler, step_fn
+        self.loader, self.batches = loader, batches  # the loader's state is saved; the batches come from its running stream
         self.run_dir, self.rank, self.world_size, self.start_step = run_dir, rank, world_size, start_step
         self.tokenizer, self.image_tokenizer = tokenizer, image_tokenizer
         self.device, self.dtype = device(), compute_dtype(engine)
@@ -50,7 +54,6 @@ class Trainer:
 
     def fit(self) -> int:
         cfg = self.cfg.train
-        batches = iter(self.loader)  # the workers start and decode their first batches while the peak is measured
         peak = device_peak_tflops(self.rank, self.world_size)
         self.reporter.summary["device_peak_tflops"] = peak
         window = MetricWindow()
@@ -60,7 +63,7 @@ class Trainer:
             plan = self.step_fn.plan(step)
             for _ in range(cfg.gradient_accumulation):
                 waited = time.perf_counter()
-                batch = next(batches)
+                batch = next(self.batches)
                 waited = time.perf_counter() - waited
                 loss, metrics, flops = self.step_fn(self.engine, batch, step, plan, self.device, self.dtype)
                 metrics["optim/lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies

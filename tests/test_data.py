@@ -206,13 +206,19 @@ def test_ranks_and_workers_split_without_overlap(synthetic_shards, workers):
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 60
 
 
-def test_loader_workers_run_at_the_configured_niceness(synthetic_shards):
-    """Workers decode at low priority so that on a busy CPU node they do not preempt the ranks mid-step."""
+def test_loader_workers_start_with_iter_and_run_at_the_configured_niceness(synthetic_shards):
+    """Workers start when the stream is opened (the trainer opens it before building the engine, so they decode
+    meanwhile), and at low priority, so that on a busy CPU node they do not preempt the ranks mid-step."""
     import psutil
+
+    def processes() -> set[int]:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
 
     loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(),
                          ReaderConfig(batch_size=4, num_workers=2, worker_nice=7))
+    before = processes()
     batches = iter(loader)
+    assert len(processes() - before) >= 2  # before any next()
     next(batches), next(batches)  # one batch from each worker: both have run their start-up
     niceness = [p.nice() for p in psutil.Process().children(recursive=True)]
     assert niceness.count(os.nice(0) + 7) == 2, niceness

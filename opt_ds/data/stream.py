@@ -273,13 +273,17 @@ class ResumableLoader:
         self.workers: dict[int, dict] = {}
 
     def __iter__(self) -> Iterator[dict]:
+        """Start the workers now (not on the first `next`): they decode while the caller sets up."""
         self.dataset.resume = self.state_dict()
         # forkserver, not fork: a forked worker shares the trainer's pages copy-on-write, and every page the
         # trainer then writes (gradient buffers, offload swap buffers) is duplicated: +6 GB for `large` here
-        extra = {"prefetch_factor": self.dataset.cfg.prefetch_factor, "worker_init_fn": partial(_worker_init, self.dataset.cfg.worker_nice),
+        extra = {"prefetch_factor": self.dataset.cfg.prefetch_factor,
+                 "worker_init_fn": partial(_worker_init, self.dataset.cfg.worker_nice),
                  "multiprocessing_context": "forkserver"} if self.num_workers else {}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)
-        for batch in loader:
+        return self._batches(iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)))
+
+    def _batches(self, stream: Iterator[dict]) -> Iterator[dict]:
+        for batch in stream:
             meta = batch.pop("_meta")
             self.workers[meta["worker"]] = meta["state"]
             if END_OF_STREAM in batch:
