@@ -115,7 +115,7 @@ class MetricWindow:
         means averaged over ranks, and `sums` (counters of this rank) added up."""
         elapsed = time.perf_counter() - self.start
         keys = ["text", "image", "audio"]
-        means = {k: sum(v) / len(v) for k, v in self.values.items()}  # the same keys on every rank: same plan
+        means = {k: sum(v) / len(v) for k, v in sorted(self.values.items())}  # same keys, same order on every rank
         totals = all_reduce([self.samples, self.flops] + [self.counts[k] for k in keys] + list(means.values())
                             + list(sums.values()))
         samples, flops, tokens = totals[0], totals[1], totals[2:5]

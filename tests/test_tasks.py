@@ -18,7 +18,8 @@ from opt_ds.launch import free_port
 from opt_ds.plain_loop import task_trend, train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
-from opt_ds.tasks.contrastive import MODALITIES, contrastive_loss
+from opt_ds.model.fusion import MODALITY_ORDER
+from opt_ds.tasks.contrastive import contrastive_loss
 from opt_ds.tasks.matching import swap_sources
 
 EXPECTED_GRADS = {  # a parameter of each of these must get a non-zero gradient from the task
@@ -162,8 +163,8 @@ def test_isolated_stage_hides_the_other_modalities(setup):
 def contrastive_inputs(batch: int = 8) -> tuple[dict, dict, torch.Tensor]:
     """Random unit embeddings; audio missing for the second sample of each half (equal pair counts per rank)."""
     gen = torch.Generator().manual_seed(0)
-    emb = {m: torch.nn.functional.normalize(torch.randn(batch, 16, generator=gen), dim=-1) for m in MODALITIES}
-    has = {m: torch.ones(batch, dtype=torch.bool) for m in MODALITIES}
+    emb = {m: torch.nn.functional.normalize(torch.randn(batch, 16, generator=gen), dim=-1) for m in MODALITY_ORDER}
+    has = {m: torch.ones(batch, dtype=torch.bool) for m in MODALITY_ORDER}
     has["audio"][[1, batch // 2 + 1]] = False
     return emb, has, torch.tensor(5.0)
 
@@ -201,7 +202,7 @@ def test_contrastive_on_two_ranks_equals_the_whole_batch_on_one(tmp_path):
     assert [p.exitcode for p in ranks] == [0, 0]
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.allclose((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, atol=1e-6)
-    for m in MODALITIES:  # each rank's gradient counts both ranks' losses; data parallelism halves it
+    for m in MODALITY_ORDER:  # each rank's gradient counts both ranks' losses; data parallelism halves it
         assert torch.allclose(torch.cat([p["grads"][m] for p in parts]) / 2, whole[m].grad, atol=1e-6), m
         assert whole[m].grad.abs().sum() > 0
 

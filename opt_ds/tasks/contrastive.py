@@ -12,13 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from opt_ds.model.fusion import Fused
+from opt_ds.model.fusion import MODALITY_ORDER, Fused
 from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.tasks.base import Task, TaskContext
 from opt_ds.tasks.encoding import EncoderRequest
 
-MODALITIES = ("text", "image", "audio")
-PAIRS = tuple(itertools.combinations(MODALITIES, 2))
+PAIRS = tuple(itertools.combinations(MODALITY_ORDER, 2))
 
 
 def gather_with_grad(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, int]:
@@ -60,7 +59,7 @@ class CrossModalContrastive(Task):
     def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
               fused: Fused | None) -> tuple[torch.Tensor, dict]:
         emb, scale = model.contrastive_head(uni.pooled())
-        return contrastive_loss(emb, {m: batch[f"has_{m}"] for m in MODALITIES}, scale)
+        return contrastive_loss(emb, {m: batch[f"has_{m}"] for m in MODALITY_ORDER}, scale)
 
 
 def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
@@ -70,9 +69,9 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
     The three modalities travel stacked: one all-gather for the embeddings and one for the presence flags per
     step, instead of one of each per modality (each collective is a sync point between ranks).
     """
-    keys, offset = gather_with_grad(torch.stack([emb[m] for m in MODALITIES]), dim=1)  # [3, N, C]
-    key_valid = gather_flags(torch.stack([has[m] for m in MODALITIES]), dim=1)  # [3, N]
-    index = {m: i for i, m in enumerate(MODALITIES)}
+    keys, offset = gather_with_grad(torch.stack([emb[m] for m in MODALITY_ORDER]), dim=1)  # [3, N, C]
+    key_valid = gather_flags(torch.stack([has[m] for m in MODALITY_ORDER]), dim=1)  # [3, N]
+    index = {m: i for i, m in enumerate(MODALITY_ORDER)}
     total = scale * 0.0
     metrics: dict[str, torch.Tensor] = {"temperature": (1.0 / scale).detach()}
     for a, b in PAIRS:
