@@ -18,8 +18,9 @@ from torchvision.utils import save_image
 
 from opt_ds.data.shards import ShardSpecError
 from opt_ds.data.tokenizer import load_tokenizer
-from opt_ds.evaluation import PAIRS, RECALL_AT, eval_batches, generations, retrieval
+from opt_ds.evaluation import RECALL_AT, eval_batches, generations, retrieval
 from opt_ds.export import load_bundle
+from opt_ds.tasks.contrastive import PAIRS
 
 
 def evaluate(weights: str, shards: str, samples: int, out_dir: Path | None, generate: int, beams: int) -> dict:

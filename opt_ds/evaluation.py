@@ -7,7 +7,6 @@ graphs (and generation lengths) identical; only rank 0 reports.
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 import torch
@@ -15,11 +14,12 @@ import torch
 from opt_ds.data.decode import IMAGE_MEAN, IMAGE_STD, DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.batch import to_device
+from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.generate import generate_image_tokens, generate_text
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.base import TextSpecials
+from opt_ds.tasks.contrastive import PAIRS
 
-PAIRS = tuple(itertools.combinations(("text", "image", "audio"), 2))
 RECALL_AT = (1, 5, 10)
 
 
@@ -39,7 +39,7 @@ def eval_batches(shards: str, decode: DecodeConfig, batch_size: int, limit: int)
 @torch.no_grad()
 def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Recall@K in both directions for each modality pair, over the samples that have both."""
-    embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in ("text", "image", "audio")}
+    embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITY_ORDER}
     present: dict[str, list[torch.Tensor]] = {m: [] for m in embeddings}
     for batch in batches:
         b = to_device(batch, device, dtype)
