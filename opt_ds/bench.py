@@ -73,7 +73,8 @@ def synthetic_batch(model_name: str, batch_size: int) -> dict:
 
 
 def plain_step_times(model_name: str, batch_size: int, steps: int, warmup: int) -> list[float]:
-    """Seconds per step of the plain loop: every task each step, bf16 autocast, fused AdamW."""
+    """Seconds per step of the plain loop: every task each step, bf16 autocast, gradients clipped to norm 1 (as
+    opt_ds.train does), fused AdamW."""
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_model_config(model_name)
@@ -90,6 +91,7 @@ def plain_step_times(model_name: str, batch_size: int, steps: int, warmup: int) 
             loss, _ = model(partial(run_tasks, batch=batch, plan=plan, ctx=ctx, tasks=tasks))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if dev == "cuda":
             torch.cuda.synchronize()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import types
 from typing import Callable
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from opt_ds.config import ExperimentConfig, OptimConfig
@@ -100,7 +102,33 @@ def build_engine(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict)
 
         log.info("ZeRO-3: %d leaf modules gathered whole; hooks dropped from %d submodules without parameters of "
                  "their own", len(get_z3_leaf_modules(module)), drop_zero3_hooks_without_parameters(module, hooks_before))
+        use_foreach_grad_norm(engine.optimizer)
     return engine, scheduler, hf_handle
+
+
+def use_foreach_grad_norm(zero3_optimizer) -> bool:
+    """Compute ZeRO-3's gradient norm with one foreach kernel instead of an fp64 copy and a norm per parameter.
+
+    DeepSpeed 0.19.8's `get_grad_norm_direct` (run every step, for clipping and the logged norm) converts each
+    gradient partition to fp64 and takes its norm separately: ~250 small ops and a fresh fp64 copy of all
+    gradients per step on the tiny model, the largest single cost of ZeRO-3 over ZeRO-2 there (BENCHMARKS.md).
+    The replacement squares each tensor's fp32 norm and sums in fp64. It covers the plain data-parallel case
+    only (partitions in memory, no model or expert parallelism); -> whether it was installed.
+    """
+    if zero3_optimizer.offload_optimizer or zero3_optimizer.model_parallel_group is not None:
+        return False
+    zero3_optimizer.get_grad_norm_direct = types.MethodType(_foreach_grad_norm, zero3_optimizer)
+    return True
+
+
+def _foreach_grad_norm(self, gradients: list[torch.Tensor], params: list, norm_type: float = 2) -> torch.Tensor:
+    """The L2 norm of the gradients of every rank's partitions; -1 where it is not finite (DeepSpeed's convention)."""
+    if float(norm_type) != 2.0:
+        return type(self).get_grad_norm_direct(self, gradients, params, norm_type)
+    squares = torch.stack(torch._foreach_norm(gradients, 2.0, dtype=torch.float32)).double().square().sum()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=self._get_param_partition_group(params[0]))
+    norm = squares.sqrt().float()
+    return torch.where(norm.isfinite(), norm, torch.tensor(-1.0, device=norm.device))
 
 
 def drop_zero3_hooks_without_parameters(root: nn.Module, hooks_before: dict) -> int:

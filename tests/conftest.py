@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -31,6 +32,29 @@ def synthetic_shards(tmp_path_factory) -> Path:
     run_module("opt_ds.data.build_shards", "synthetic", "--num", "60", "--max-samples", "10",
                "--out", str(out), "--quiet", "--audio-seconds", "1.0")
     return out
+
+
+def spawn_gloo_ranks(target, out_dir: Path, ranks: int = 2, timeout: float = 120) -> None:
+    """Run target(rank, port, out_dir) in `ranks` spawned processes that share a free port; all must exit 0."""
+    spawn = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [spawn.Process(target=target, args=(r, port, str(out_dir))) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * ranks
+
+
+def join_gloo_group(rank: int, port: int, world_size: int = 2) -> None:
+    """Inside a spawned rank: the environment DeepSpeed reads, and the gloo process group."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
 def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:

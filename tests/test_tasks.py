@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import join_gloo_group, spawn_gloo_ranks
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
-from opt_ds.launch import free_port
 from opt_ds.plain_loop import task_trend, train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
@@ -171,8 +168,7 @@ def contrastive_inputs(batch: int = 8) -> tuple[dict, dict, torch.Tensor]:
 
 def contrastive_rank(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo ranks: the contrastive loss of its half of the batch, and the gradient of its embeddings."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo_group(rank, port)
     emb, has, scale = contrastive_inputs()
     half = slice(rank * 4, rank * 4 + 4)
     mine = {m: e[half].clone().requires_grad_() for m, e in emb.items()}
@@ -190,16 +186,7 @@ def test_contrastive_on_two_ranks_equals_the_whole_batch_on_one(tmp_path):
     whole = {m: e.clone().requires_grad_() for m, e in emb.items()}
     loss, _ = contrastive_loss(whole, has, scale)
     loss.backward()
-    spawn = multiprocessing.get_context("spawn")
-    port = free_port()
-    ranks = [spawn.Process(target=contrastive_rank, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in ranks] == [0, 0]
+    spawn_gloo_ranks(contrastive_rank, tmp_path)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.allclose((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, atol=1e-6)
     for m in MODALITY_ORDER:  # each rank's gradient counts both ranks' losses; data parallelism halves it

@@ -1,0 +1,45 @@
+"""What opt_ds changes inside DeepSpeed's engine, checked against DeepSpeed's own code on real ZeRO-3 partitions."""
+
+from __future__ import annotations
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conftest import join_gloo_group, spawn_gloo_ranks
+from opt_ds.engine import use_foreach_grad_norm
+
+
+def grad_norm_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two ranks: a ZeRO-3 backward, then the gradient norm by the foreach replacement and by DeepSpeed."""
+    join_gloo_group(rank, port)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 33), nn.GELU(), nn.Linear(33, 301))  # odd sizes: padded partitions
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    optimizer = engine.optimizer
+    installed = use_foreach_grad_norm(optimizer)
+    inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank)).bfloat16()
+    engine.backward(engine(inputs).float().square().mean())
+    grads, params = optimizer.averaged_gradients[0], optimizer.fp16_groups[0]
+    ours = optimizer.get_grad_norm_direct(grads, params)
+    theirs = type(optimizer).get_grad_norm_direct(optimizer, grads, params)
+    grads[0][0] = float("inf")
+    not_finite = optimizer.get_grad_norm_direct(grads, params)
+    torch.save({"installed": installed, "ours": ours, "theirs": theirs, "not_finite": not_finite},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned ranks initialise DeepSpeed: about a minute here
+def test_foreach_grad_norm_equals_deepspeeds_on_two_ranks(tmp_path):
+    spawn_gloo_ranks(grad_norm_rank, tmp_path)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["installed"]
+        assert float(got["theirs"]) > 0
+        assert float(got["ours"]) == pytest.approx(float(got["theirs"]), rel=1e-6)
+        assert float(got["not_finite"]) == -1.0
