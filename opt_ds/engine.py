@@ -111,9 +111,10 @@ def use_foreach_grad_norm(zero3_optimizer) -> bool:
 
     DeepSpeed 0.19.8's `get_grad_norm_direct` (run every step, for clipping and the logged norm) converts each
     gradient partition to fp64 and takes its norm separately: ~250 small ops and a fresh fp64 copy of all
-    gradients per step on the tiny model, the largest single cost of ZeRO-3 over ZeRO-2 there (BENCHMARKS.md).
-    The replacement squares each tensor's fp32 norm and sums in fp64. It covers the plain data-parallel case
-    only (partitions in memory, no model or expert parallelism); -> whether it was installed.
+    gradients per step on the tiny model, the largest single cost of ZeRO-3 over ZeRO-2 found there
+    (BENCHMARKS.md). The replacement squares each tensor's fp32 norm and sums in fp64. It covers the plain
+    data-parallel case only: partitions in memory, no model parallelism (and opt_ds has no expert layers,
+    whose norm DeepSpeed also reduces over the expert group); -> whether it was installed.
     """
     if zero3_optimizer.offload_optimizer or zero3_optimizer.model_parallel_group is not None:
         return False
