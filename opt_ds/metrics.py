@@ -18,6 +18,7 @@ import torch
 from opt_ds import memory
 from opt_ds.distributed import all_gather_object, all_reduce
 from opt_ds.model.config import ModelConfig, subsampled_length
+from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.size import forward_flops, lengths_for
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name fragment
@@ -114,12 +115,12 @@ class MetricWindow:
         """Collective, one sum and one max over ranks: global throughput, MFU, memory and data wait, the per-task
         means averaged over ranks, and `sums` (counters of this rank) added up."""
         elapsed = time.perf_counter() - self.start
-        keys = ["text", "image", "audio"]
         means = {k: sum(v) / len(v) for k, v in sorted(self.values.items())}  # same keys, same order on every rank
-        totals = all_reduce([self.samples, self.flops] + [self.counts[k] for k in keys] + list(means.values())
+        totals = all_reduce([self.samples, self.flops] + [self.counts[m] for m in MODALITY_ORDER] + list(means.values())
                             + list(sums.values()))
-        samples, flops, tokens = totals[0], totals[1], totals[2:5]
-        rank_means, rank_sums = totals[5:5 + len(means)], totals[5 + len(means):]
+        after_tokens = 2 + len(MODALITY_ORDER)
+        samples, flops, tokens = totals[0], totals[1], totals[2:after_tokens]
+        rank_means, rank_sums = totals[after_tokens:after_tokens + len(means)], totals[after_tokens + len(means):]
         peak = memory.peak_bytes()
         wait_max, peak_max, transient_max = all_reduce(
             [self.data_wait / max(elapsed, 1e-9), peak / 2**20, (peak - self.start_bytes) / 2**20], "max")
@@ -135,7 +136,7 @@ class MetricWindow:
             "memory/peak_mb": peak_max,
             "memory/transient_mb": transient_max,
         })
-        for k, total in zip(keys, tokens):
+        for k, total in zip(MODALITY_ORDER, tokens):
             out[f"perf/{k}_tokens_per_s"] = total / elapsed
         for name, n in self.tasks.items():
             out[f"schedule/task_frac/{name}"] = n / max(self.steps, 1)
