@@ -19,7 +19,7 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
-from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS
+from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, MODALITIES
 from opt_ds.data.synthetic import synthetic_sample
 from opt_ds.data.writer import ShardSink, safe_key
 
@@ -116,14 +116,14 @@ def build_manifest(args: argparse.Namespace, sink: ShardSink) -> None:
     path = Path(args.file)
     base = path.parent
     rows = list(_manifest_rows(path))
-    if rows and not any(c in rows[0][1] for c in ("image", "audio", "text")):
+    if rows and not any(c in rows[0][1] for c in MODALITIES):
         raise SystemExit(f"{path}: needs at least one of the columns image, audio, text; found {sorted(rows[0][1])}")
     for line_no, row in tqdm(rows, desc="manifest", unit="sample", disable=args.quiet):
         key = safe_key(row["key"]) if row.get("key") else f"{args.prefix}{line_no:09d}"
         sample: dict = {"__key__": key}
         for kind in ("image", "audio"):
             add_file(sample, sink, kind, base / row[kind] if row.get(kind) else None, args.verify)
-        meta = {k: v for k, v in row.items() if k not in ("image", "audio", "text") and v not in (None, "")}
+        meta = {k: v for k, v in row.items() if k not in MODALITIES and v not in (None, "")}
         finish_sample(sample, sink, row.get("text"), meta)
 
 

@@ -13,12 +13,13 @@ import time
 from collections import Counter
 
 from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.formats import MODALITIES
 from opt_ds.data.shards import ShardSpecError
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 
 
 def modality_combination(batch: dict, i: int) -> str:
-    present = [m for m in ("image", "text", "audio") if bool(batch[f"has_{m}"][i])]
+    present = [m for m in MODALITIES if bool(batch[f"has_{m}"][i])]
     return "+".join(present)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import soundfile
 from PIL import Image, ImageDraw
 
+from opt_ds.data.formats import MODALITIES
+
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -82,7 +84,7 @@ def synth_audio(count: int, colour: str, shape: str, seconds: float, rng: random
 
 
 def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, audio_seconds: float = 2.0,
-                     modalities: tuple[str, ...] = ("image", "text", "audio"),
+                     modalities: tuple[str, ...] = MODALITIES,
                      image_format: str = "jpg", audio_format: str = "flac") -> dict[str, bytes | str]:
     """One deterministic sample (key and bytes depend only on index and seed)."""
     rng = random.Random(f"synthetic-{seed}-{index}")
