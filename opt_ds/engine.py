@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import types
-from functools import partial
 from typing import Callable
 
 import deepspeed
@@ -105,8 +103,8 @@ def build_engine(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict)
         log.info("ZeRO-3: %d leaf modules gathered whole; hooks dropped from %d submodules without parameters of "
                  "their own", len(get_z3_leaf_modules(module)), drop_zero3_hooks_without_parameters(module, hooks_before))
         use_foreach_grad_norm(engine.optimizer)
-        log.info("ZeRO-3 gradient reduction: %s", reduce_gradients_by_all_reduce(engine.optimizer.dp_process_group)
-                 or "DeepSpeed's reduce-scatter")
+        if reduce_gradients_by_all_reduce(engine.optimizer.dp_process_group):
+            log.info("ZeRO-3 gradient buckets reduced by gloo's all-reduce")
     return engine, scheduler, hf_handle
 
 
@@ -136,43 +134,28 @@ def _foreach_grad_norm(self, gradients: list[torch.Tensor], params: list, norm_t
     return torch.where(norm.isfinite(), norm, torch.tensor(-1.0, device=norm.device))
 
 
-def reduce_gradients_by_all_reduce(dp_group) -> str | None:
-    """On gloo, reduce ZeRO-3's gradient buckets with an all-reduce in place; -> "shm", "gloo" or None (unchanged).
+def reduce_gradients_by_all_reduce(dp_group) -> bool:
+    """On gloo, reduce ZeRO-3's gradient buckets with gloo's all-reduce in place; -> whether it was installed.
 
-    DeepSpeed reduce-scatters each gradient bucket into a chunk of the bucket itself. gloo's reduce-scatter is
-    slower than its own all-reduce of the whole bucket (1.36M bf16 elements: 7.9 against 4.4 ms on 2 ranks,
-    13.0 against 7.2 ms on 4), and where every rank of the world is on this node, DeepSpeed's shared-memory
-    all-reduce (built for inference) takes 0.4 ms; a tiny run's gradient reduction went from 66 to 21 ms per
-    step (BENCHMARKS.md). An all-reduce in place leaves the reduced chunk where DeepSpeed reads it. Other
-    backends (NCCL) keep DeepSpeed's reduce-scatter.
+    DeepSpeed reduce-scatters each gradient bucket into a chunk of the bucket itself, and gloo's reduce-scatter
+    is slower than its own all-reduce of the whole bucket (1.36M bf16 elements: 7.9 against 4.4 ms on 2 ranks,
+    13.0 against 7.2 ms on 4, BENCHMARKS.md). An all-reduce in place leaves the reduced chunk where DeepSpeed
+    reads it. Other backends (NCCL) keep DeepSpeed's reduce-scatter. DeepSpeed's faster shared-memory
+    all-reduce is not used: it is only set up when LOCAL_SIZE is known before `deepspeed.init_distributed`
+    (not under MPI discovery, where calling it crashes), and it spins while it waits.
     """
     if dist.get_backend(dp_group) != "gloo":
-        return None
+        return False
     from deepspeed.runtime.comm import coalesced_collectives
 
-    world = dist.get_world_size()
-    shared_memory = (dist.get_world_size(dp_group) == world and os.environ.get("LOCAL_SIZE") == str(world)
-                     and getattr(deepspeed.comm.comm.cdb, "shm_comm_op", None) is not None)
-    all_reduce = _all_reduce_in_shared_memory if shared_memory else dist.all_reduce
-    coalesced_collectives._torch_reduce_scatter_fn = partial(_reduce_scatter_by_all_reduce, all_reduce)
-    return "shm" if shared_memory else "gloo"
+    coalesced_collectives._torch_reduce_scatter_fn = _reduce_scatter_by_all_reduce
+    return True
 
 
-def _all_reduce_in_shared_memory(tensor: torch.Tensor, group=None) -> None:
-    """DeepSpeed's shared-memory sum over all ranks of the node (the world: checked when installed).
-
-    Its kernel silently leaves other dtypes unreduced, and DeepSpeed falls back to gloo where the CPU lacks
-    the instructions the kernel needs.
-    """
-    if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"shared-memory all-reduce of {tensor.dtype}")
-    deepspeed.comm.inference_all_reduce(tensor, group=group)
-
-
-def _reduce_scatter_by_all_reduce(all_reduce: Callable, input_tensor: torch.Tensor, output_tensor: torch.Tensor,
-                                  group=None, async_op: bool = False, prof: bool = False) -> None:
+def _reduce_scatter_by_all_reduce(input_tensor: torch.Tensor, output_tensor: torch.Tensor, group=None,
+                                  async_op: bool = False, prof: bool = False) -> None:
     """DeepSpeed's `_torch_reduce_scatter_fn`: `output_tensor` = this rank's chunk of the sum of `input_tensor`."""
-    all_reduce(input_tensor, group=group)
+    dist.all_reduce(input_tensor, group=group)
     chunk = input_tensor.view(-1).narrow(0, dist.get_rank(group) * output_tensor.numel(), output_tensor.numel())
     if chunk.data_ptr() != output_tensor.data_ptr():
         output_tensor.copy_(chunk.view_as(output_tensor))
