@@ -29,6 +29,12 @@ def newest_reports(records: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
+def per_rank_batch(report: dict) -> int:
+    """The batch per rank of a throughput report (the same in all its rows; the global batch scales with ranks)."""
+    row = report["rows"][0]
+    return row["global_batch"] // row["ranks"]
+
+
 def plot(records: Path, out: Path) -> Path:
     reports = newest_reports(records)
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -51,7 +57,7 @@ def plot(records: Path, out: Path) -> Path:
         speed.bar_label(bars, fmt="%.2f", fontsize=7)
     speed.axhline(1.0, color="black", linewidth=0.8)
     speed.axhline(0.9, color="grey", linestyle="--", linewidth=0.8, label="0.9x target")
-    speed.set_xticks(range(len(configs)), configs)
+    speed.set_xticks(range(len(configs)), [f"{c}\nbatch {per_rank_batch(throughput[c])} per rank" for c in configs])
     speed.set_ylabel("samples/s relative to the plain PyTorch loop")
     speed.set_title("Training throughput (same global batch, every task each step)")
     speed.legend(fontsize=7, loc="lower right")
