@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from opt_ds.model.config import load_model_config  # noqa: E402
 from opt_ds.model.size import parameter_count  # noqa: E402
 
+STAGE_COLOURS = {0: "tab:blue", 1: "tab:purple", 2: "tab:orange", 3: "tab:green"}  # the same in both panels
+
 
 def newest_reports(records: Path) -> dict[str, dict[str, dict]]:
     """{kind: {config: report}} keeping the last record of each."""
@@ -53,7 +55,8 @@ def plot(records: Path, out: Path) -> Path:
                 if (row["zero"], row["ranks"]) == (zero, ranks):
                     xs.append(i + (k - (len(runs) - 1) / 2) * width)
                     ratios.append(row["ratio_vs_plain"])
-        bars = speed.bar(xs, ratios, width, label=f"ZeRO-{zero}, {ranks} rank(s)")
+        bars = speed.bar(xs, ratios, width, label=f"ZeRO-{zero}, {ranks} rank(s)", color=STAGE_COLOURS[zero],
+                         hatch="" if ranks == min(r for _, r in runs) else "//")
         speed.bar_label(bars, fmt="%.2f", fontsize=7)
     speed.axhline(1.0, color="black", linewidth=0.8)
     speed.axhline(0.9, color="grey", linestyle="--", linewidth=0.8, label="0.9x target")
@@ -74,7 +77,7 @@ def plot(records: Path, out: Path) -> Path:
                     xs.append(i + (k - (len(stages) - 1) / 2) * width)
                     measured.append(row["model_state_bytes"] / 2**20)
                     expected.append(row["expected_bytes"] / 2**20)
-        memory.bar(xs, measured, width, label=f"ZeRO-{zero} measured")
+        memory.bar(xs, measured, width, label=f"ZeRO-{zero} measured", color=STAGE_COLOURS[zero])
         memory.scatter(xs, expected, marker="_", s=300, color="black", zorder=3,
                        label="16 B/param accounting" if k == 0 else None)
     ranks = {report["ranks"] for report in mem.values()}
