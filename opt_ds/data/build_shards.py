@@ -117,7 +117,7 @@ def build_manifest(args: argparse.Namespace, sink: ShardSink) -> None:
     base = path.parent
     rows = list(_manifest_rows(path))
     if rows and not any(c in rows[0][1] for c in MODALITIES):
-        raise SystemExit(f"{path}: needs at least one of the columns image, audio, text; found {sorted(rows[0][1])}")
+        raise SystemExit(f"{path}: needs at least one of the columns {', '.join(MODALITIES)}; found {sorted(rows[0][1])}")
     for line_no, row in tqdm(rows, desc="manifest", unit="sample", disable=args.quiet):
         key = safe_key(row["key"]) if row.get("key") else f"{args.prefix}{line_no:09d}"
         sample: dict = {"__key__": key}
