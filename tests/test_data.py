@@ -7,6 +7,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -222,6 +224,34 @@ def test_loader_workers_start_with_iter_and_run_at_the_configured_niceness(synth
     next(batches), next(batches)  # one batch from each worker: both have run their start-up
     niceness = [p.nice() for p in psutil.Process().children(recursive=True)]
     assert niceness.count(os.nice(0) + 7) == 2, niceness
+
+
+SLURM_WARNED_LOADER = """
+import signal, sys
+import psutil
+from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader, start_worker_server
+from opt_ds.signals import StopRequest
+
+start_worker_server()
+stop = StopRequest()
+batches = iter(make_loader([SourceConfig("s", sys.argv[1])], DecodeConfig(), ReaderConfig(batch_size=2, num_workers=2)))
+next(batches)
+for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:  # as Slurm does: every process of the step
+    p.send_signal(signal.SIGUSR1)
+print(stop.requested, sum(len(next(batches)["keys"]) for _ in range(10)))
+"""
+
+
+def test_loader_workers_survive_slurms_usr1_to_the_whole_step(synthetic_shards):
+    """The rank notes the stop and checkpoints at the next step boundary; its workers, their server and the
+    resource tracker go on until then (a worker killed by the signal broke the preempted Slurm job's stream),
+    and the process still exits at once."""
+    proc = subprocess.run([sys.executable, "-c", SLURM_WARNED_LOADER, str(synthetic_shards)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "20"], proc.stdout
+    assert "resource_tracker" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_fewer_shards_than_slots_splits_by_sample(tmp_path):

@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import random
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -322,14 +323,24 @@ class ResumableLoader:
 
 
 def start_worker_server() -> None:
-    """Start the forkserver that loader workers fork from, with this module imported.
+    """Start the forkserver that loader workers fork from, with this module imported and SIGUSR1 blocked.
 
     Call it early (before the engine is built): the server imports torch and this module once while the
     run sets up, and a worker then starts as a fork of it, not as a fresh interpreter importing torch
     (seconds, during the first steps of a run).
+
+    Slurm's warning before the time limit (`--signal=USR1@...` without `B:`, `scancel --signal=USR1`) goes to
+    every process of the job step. A worker killed by it, or whose server is (torch's workers exit when their
+    parent does), broke the rank's batch stream before the rank could checkpoint. The server, the workers it
+    forks and multiprocessing's resource tracker inherit the blocked signal; this process unblocks it at once.
+    SIGTERM stays deliverable: it is how the loader's own shutdown ends a worker that does not exit by itself.
     """
     multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-    multiprocessing.forkserver.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        multiprocessing.forkserver.ensure_running()  # starts the resource tracker too
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_loader(sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig,
