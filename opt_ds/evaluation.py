@@ -1,4 +1,5 @@
-"""Evaluation on held-out shards: retrieval R@1/5/10 for every modality pair, and sample generations.
+"""Evaluation on held-out shards: retrieval R@1/5/10 for every modality pair, caption-vs-hard-negative
+accuracy when the shards carry caption rewrites, and sample generations.
 
 `call(fn)` runs fn(model) through whatever wraps the model (the DeepSpeed engine or a plain module),
 so ZeRO-3 sees ordinary forwards. Every rank evaluates the same samples, which keeps the ranks'
@@ -18,7 +19,8 @@ from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.generate import generate_image_tokens, generate_text
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.base import TextSpecials
-from opt_ds.tasks.contrastive import PAIRS
+from opt_ds.tasks.contrastive import PAIRS, beats_hard_negatives, contrastive_embeddings, contrastive_request
+from opt_ds.tasks.encoding import encode_requests
 
 RECALL_AT = (1, 5, 10)
 
@@ -41,15 +43,22 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
     """Recall@K in both directions for each modality pair, over the samples that have both."""
     embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITY_ORDER}
     present: dict[str, list[torch.Tensor]] = {m: [] for m in embeddings}
+    hard_negative_wins: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
         b = to_device(batch, device, dtype)
-        emb = call(lambda m: m.contrastive_head(m.unimodal(b).pooled())[0])
+        emb, _, rewrites = call(lambda m: contrastive_embeddings(m, b, encode_requests(m, [contrastive_request(b)])[0][0]))
         for m in embeddings:
             embeddings[m].append(emb[m].float().cpu())
             present[m].append(batch[f"has_{m}"])
+        if rewrites is not None:
+            for m, (wins, rows) in beats_hard_negatives(emb, {m: b[f"has_{m}"] for m in MODALITY_ORDER}, rewrites).items():
+                hard_negative_wins.setdefault(m, []).append(wins[rows].cpu())
     emb = {m: torch.cat(v) for m, v in embeddings.items()}
     has = {m: torch.cat(v) for m, v in present.items()}
     out: dict[str, float] = {}
+    for m, wins in hard_negative_wins.items():  # caption above all of its hard negatives (UNIMO rewrites)
+        if torch.cat(wins).numel():
+            out[f"eval/{m}->text/hard_negative_acc"] = float(torch.cat(wins).float().mean())
     for a, b in PAIRS:
         rows = has[a] & has[b]
         n = int(rows.sum())

@@ -68,6 +68,10 @@ def step_flops(model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]
     frames = batch["audio"].shape[1]
     fwd = forward_flops(model_cfg, lengths_for(model_cfg, text_tokens, frames))
     per_sample = sum(fwd[c] for name, _ in plan for c in tasks[name].components)
+    for name, _ in plan:  # text-only rows a task adds to the text encoder's batch (caption rewrites)
+        if tasks[name].extra_text_key in batch:
+            slots, length = batch[tasks[name].extra_text_key].shape[1:]
+            per_sample += slots * forward_flops(model_cfg, lengths_for(model_cfg, length, frames))["text"]
     return 3.0 * per_sample * batch["text_ids"].shape[0]
 
 

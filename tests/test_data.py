@@ -122,14 +122,15 @@ def test_narratives_builder_counts_missing_files(tmp_path):
 def test_manifest_builder(tmp_path, kind):
     (tmp_path / "a.png").write_bytes(image_bytes(fmt="PNG"))
     (tmp_path / "b.wav").write_bytes(audio_bytes("wav"))
-    rows = [{"image": "a.png", "audio": "", "text": "a red picture"},
-            {"image": "", "audio": "b.wav", "text": ""},
-            {"image": "", "audio": "", "text": "just text"},
-            {"image": "", "audio": "", "text": "  "}]
+    rewrite = "a blue picture" if kind == "csv" else ["a blue picture"]  # a CSV cell holds one rewrite
+    rows = [{"image": "a.png", "audio": "", "text": "a red picture", "hard_negatives": rewrite},
+            {"image": "", "audio": "b.wav", "text": "", "hard_negatives": ""},
+            {"image": "", "audio": "", "text": "just text", "hard_negatives": ""},
+            {"image": "", "audio": "", "text": "  ", "hard_negatives": ""}]
     path = tmp_path / f"m.{kind}"
     if kind == "csv":
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["image", "audio", "text"])
+            w = csv.DictWriter(f, fieldnames=["image", "audio", "text", "hard_negatives"])
             w.writeheader()
             w.writerows(rows)
     else:
@@ -141,6 +142,9 @@ def test_manifest_builder(tmp_path, kind):
     assert b["has_image"].tolist() == [True, False, False]
     assert b["has_audio"].tolist() == [False, True, False]
     assert b["captions"] == ["a red picture", "", "just text"]
+    loader = make_loader([SourceConfig("m", str(tmp_path / "out"))], DecodeConfig(hard_negatives_per_sample=1),
+                         ReaderConfig(batch_size=4, num_workers=0, max_epochs=1, shuffle_buffer=0))
+    assert next(iter(loader))["has_rewrite"].tolist() == [[True], [False], [False]]
 
 
 # --- shard specs ---------------------------------------------------------------------------------
@@ -352,6 +356,50 @@ def test_img2dataset_and_audio_caption_shards_load_unchanged(tmp_path):
     assert b["captions"] == ["a red rectangle", "another one"]
     (b,), _ = read_all(str(audio_caption))
     assert b["has_audio"].all() and not b["has_image"].any() and b["captions"] == ["a dog barks", "rain falls"]
+
+
+def test_caption_rewrites_fill_fixed_slots_and_bad_ones_are_counted(tmp_path):
+    """K = paraphrases + hard negatives slots per sample, whatever each sample holds (ranks share one shape);
+    a malformed rewrite field is counted and the rest of its sample kept."""
+    members = [("full.txt", b"two red circles"),
+               ("full.json", json.dumps({"paraphrases": ["a picture of two red circles", "there are two red circles here"],
+                                         "hard_negatives": ["two blue circles", "three red circles", "two red squares"]}).encode()),
+               ("csvrow.txt", b"one cat"), ("csvrow.json", json.dumps({"hard_negatives": "one dog"}).encode()),
+               ("plain.txt", b"no rewrites"),
+               ("imageonly.jpg", image_bytes()), ("imageonly.json", json.dumps({"paraphrases": ["ignored: no caption"]}).encode()),
+               ("malformed.txt", b"kept anyway"), ("malformed.json", json.dumps({"paraphrases": [3]}).encode())]
+    write_tar(tmp_path / "r-0.tar", members)
+    decode = DecodeConfig(paraphrases_per_sample=1, hard_negatives_per_sample=2)
+    loader = make_loader([SourceConfig("s", str(tmp_path / "r-0.tar"))], decode,
+                         ReaderConfig(batch_size=8, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0))
+    (b,) = list(loader)
+    assert b["keys"] == ["full", "csvrow", "plain", "imageonly", "malformed"]
+    assert b["rewrite_ids"].shape[:2] == (5, 3) and b["rewrite_mask"].shape == b["rewrite_ids"].shape
+    assert b["has_rewrite"].tolist() == [[True, True, True], [False, True, False], [False] * 3, [False] * 3, [False] * 3]
+    assert b["rewrite_positive"].tolist() == [[True, False, False]] * 5
+    tok = SampleDecoder(decode).tokenizer
+    words = [tok.decode(ids[mask], skip_special_tokens=True) for ids, mask in zip(b["rewrite_ids"][0], b["rewrite_mask"][0])]
+    assert words == ["a picture of two red circles", "two blue circles", "three red circles"]
+    assert tok.decode(b["rewrite_ids"][1, 1][b["rewrite_mask"][1, 1]], skip_special_tokens=True) == "one dog"
+    assert not b["rewrite_mask"][2:].any()
+    assert loader.skip_counts() == {"bad_rewrites": 1}
+    (plain,), _ = read_all(str(tmp_path / "r-0.tar"), batch_size=8)  # the default config batches no rewrites
+    assert not any(k.startswith("rewrite") or k == "has_rewrite" for k in plain)
+
+
+def test_synthetic_rewrites_change_one_attribute():
+    from opt_ds.data.synthetic import COLOURS, COUNTS, SHAPES
+
+    def attributes(caption: str) -> tuple[str, ...]:
+        words = caption.split()
+        return (next(w for w in words if w in COUNTS), next(w for w in words if w in COLOURS),
+                next(s for s in SHAPES for w in words if w.startswith(s)))
+
+    sample = synthetic_sample(3)
+    meta, caption = json.loads(sample["json"]), sample["txt"].decode()
+    assert meta["paraphrases"][0] != caption and attributes(meta["paraphrases"][0]) == attributes(caption)
+    changed = [[i for i, (a, b) in enumerate(zip(attributes(caption), attributes(n))) if a != b] for n in meta["hard_negatives"]]
+    assert sorted(changed) == [[0], [1], [2]], (caption, meta["hard_negatives"])
 
 
 class _Exploit:

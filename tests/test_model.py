@@ -75,6 +75,28 @@ def test_analytic_flops_match_torch_flop_counter(tiny):
         assert flops == pytest.approx(expected[part], rel=0.02), part
 
 
+def test_step_flops_count_the_caption_rewrites_the_contrastive_task_encodes(tiny):
+    """Rewrite slots add text-encoder rows: the FLOP estimate grows by what torch's counter sees them cost."""
+    from opt_ds.metrics import step_flops
+    from opt_ds.tasks import TASKS, TaskContext, step_generator
+
+    cfg, model = tiny
+    batch = fake_batch(cfg, batch=2, text_len=cfg.text.max_len, frames=cfg.audio.max_frames)
+    slots = 3
+    with_rewrites = batch | {"rewrite_ids": batch["text_ids"][:, None].repeat(1, slots, 1),
+                             "rewrite_mask": batch["text_mask"][:, None].repeat(1, slots, 1),
+                             "has_rewrite": torch.ones(2, slots, dtype=torch.bool),
+                             "rewrite_positive": torch.tensor([[True, False, False]] * 2)}
+    task, plan = TASKS["contrastive"](), [("contrastive", 1.0)]
+    counted = []
+    for b in (batch, with_rewrites):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            task(model, b, TaskContext(step_generator(0, 0, 0)))
+        counted.append(fc.get_total_flops())
+    estimated = [step_flops(cfg, {"contrastive": task}, plan, b) / 3 for b in (batch, with_rewrites)]  # forward only
+    assert estimated[1] - estimated[0] == pytest.approx(counted[1] - counted[0], rel=0.02)
+
+
 def test_model_cli_prints_json_without_allocating():
     report = json.loads(run_module("opt_ds.model", "--config", "xl", "--json").stdout)
     assert report["parameters"]["total"] == parameter_count(load_model_config("xl"))["total"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,7 +18,7 @@ from opt_ds.plain_loop import task_trend, train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
 from opt_ds.model.fusion import MODALITY_ORDER
-from opt_ds.tasks.contrastive import contrastive_loss
+from opt_ds.tasks.contrastive import Rewrites, contrastive_loss, info_nce
 from opt_ds.tasks.matching import swap_sources
 
 EXPECTED_GRADS = {  # a parameter of each of these must get a non-zero gradient from the task
@@ -30,11 +32,14 @@ EXPECTED_GRADS = {  # a parameter of each of these must get a non-zero gradient 
 }
 
 
-@pytest.fixture(scope="module")
-def setup(synthetic_shards):
+@pytest.fixture(scope="module", params=["captions", "with_rewrites"])
+def setup(synthetic_shards, request):
+    """tiny, a VQ-VAE and one batch; the second time with UNIMO's caption rewrites batched (1 paraphrase and
+    2 hard negatives per sample), which the contrastive task encodes in the same text-encoder call."""
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
-    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(max_audio_seconds=2.0),
+    rewrites = {"paraphrases_per_sample": 1, "hard_negatives_per_sample": 2} if request.param == "with_rewrites" else {}
+    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(max_audio_seconds=2.0, **rewrites),
                          ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0))
     return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), next(iter(loader))
 
@@ -157,41 +162,72 @@ def test_isolated_stage_hides_the_other_modalities(setup):
     assert a.item() == pytest.approx(b.item(), abs=1e-5) and a.item() != pytest.approx(c.item(), abs=1e-5)
 
 
-def contrastive_inputs(batch: int = 8) -> tuple[dict, dict, torch.Tensor]:
-    """Random unit embeddings; audio missing for the second sample of each half (equal pair counts per rank)."""
+def contrastive_inputs(batch: int = 8, rewrites: bool = False) -> tuple[dict, dict, torch.Tensor, Rewrites | None]:
+    """Random unit embeddings; audio missing for the second sample of each half (equal pair counts per rank);
+    with rewrites: 3 slots per sample (a paraphrase, 2 hard negatives), some of them absent."""
     gen = torch.Generator().manual_seed(0)
-    emb = {m: torch.nn.functional.normalize(torch.randn(batch, 16, generator=gen), dim=-1) for m in MODALITY_ORDER}
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, 16, generator=gen), dim=-1)  # noqa: E731
+    emb = {m: unit(batch) for m in MODALITY_ORDER}
     has = {m: torch.ones(batch, dtype=torch.bool) for m in MODALITY_ORDER}
     has["audio"][[1, batch // 2 + 1]] = False
-    return emb, has, torch.tensor(5.0)
+    extra = None
+    if rewrites:
+        present = torch.rand(batch, 3, generator=gen) < 0.7
+        extra = Rewrites(unit(batch, 3), present, torch.tensor([[True, False, False]]).expand(batch, 3))
+    return emb, has, torch.tensor(5.0), extra
 
 
-def contrastive_rank(rank: int, port: int, out_dir: str) -> None:
+def contrastive_rank(rank: int, port: int, out_dir: str, rewrites: bool = False) -> None:
     """One of two gloo ranks: the contrastive loss of its half of the batch, and the gradient of its embeddings."""
     join_gloo_group(rank, port)
-    emb, has, scale = contrastive_inputs()
+    emb, has, scale, extra = contrastive_inputs(rewrites=rewrites)
     half = slice(rank * 4, rank * 4 + 4)
     mine = {m: e[half].clone().requires_grad_() for m, e in emb.items()}
-    loss, metrics = contrastive_loss(mine, {m: h[half] for m, h in has.items()}, scale)
+    if extra is not None:
+        extra = Rewrites(extra.emb[half].clone().requires_grad_(), extra.present[half], extra.positive[half])
+    loss, metrics = contrastive_loss(mine, {m: h[half] for m, h in has.items()}, scale, extra)
     loss.backward()
-    torch.save({"loss": loss.detach(), "grads": {m: e.grad for m, e in mine.items()},
-                "acc": {k: v for k, v in metrics.items()}}, f"{out_dir}/rank{rank}.pt")
+    grads = {m: e.grad for m, e in mine.items()} | ({"rewrites": extra.emb.grad} if extra is not None else {})
+    torch.save({"loss": loss.detach(), "grads": grads, "acc": {k: v for k, v in metrics.items()}}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_contrastive_on_two_ranks_equals_the_whole_batch_on_one(tmp_path):
+@pytest.mark.parametrize("rewrites", [False, True])
+def test_contrastive_on_two_ranks_equals_the_whole_batch_on_one(tmp_path, rewrites):
     """Keys gathered from both ranks, gradients sent back to their rank: the data-parallel average of the two
-    halves' losses and gradients is the loss and gradient of the whole batch in one process."""
-    emb, has, scale = contrastive_inputs()
+    halves' losses and gradients is the loss and gradient of the whole batch in one process (with caption
+    rewrites too: theirs are gathered like the captions)."""
+    emb, has, scale, extra = contrastive_inputs(rewrites=rewrites)
     whole = {m: e.clone().requires_grad_() for m, e in emb.items()}
-    loss, _ = contrastive_loss(whole, has, scale)
+    if extra is not None:
+        extra = Rewrites(extra.emb.clone().requires_grad_(), extra.present, extra.positive)
+    loss, _ = contrastive_loss(whole, has, scale, extra)
     loss.backward()
-    spawn_gloo_ranks(contrastive_rank, tmp_path)
+    spawn_gloo_ranks(partial(contrastive_rank, rewrites=rewrites), tmp_path)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.allclose((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, atol=1e-6)
-    for m in MODALITY_ORDER:  # each rank's gradient counts both ranks' losses; data parallelism halves it
-        assert torch.allclose(torch.cat([p["grads"][m] for p in parts]) / 2, whole[m].grad, atol=1e-6), m
-        assert whole[m].grad.abs().sum() > 0
+    expected = {m: whole[m].grad for m in MODALITY_ORDER} | ({"rewrites": extra.emb.grad} if extra is not None else {})
+    for name, grad in expected.items():  # each rank's gradient counts both ranks' losses; data parallelism halves it
+        assert torch.allclose(torch.cat([p["grads"][name] for p in parts]) / 2, grad, atol=1e-6), name
+        assert grad.abs().sum() > 0
+
+
+def test_rewrites_are_extra_positives_and_negatives_and_absent_ones_change_nothing():
+    emb, has, scale, extra = contrastive_inputs(rewrites=True)
+    plain, _ = contrastive_loss(emb, has, scale)
+    absent, _ = contrastive_loss(emb, has, scale, Rewrites(extra.emb, torch.zeros_like(extra.present), extra.positive))
+    assert absent.item() == pytest.approx(plain.item(), abs=1e-6)
+    # image -> text for sample 0 by hand: the 8 captions, then sample 0's own rewrites (the present ones)
+    image, own = emb["image"][0], extra.present[0]
+    logits = torch.cat([emb["text"] @ image, extra.emb[0][own] @ image]) * scale
+    positive = torch.cat([torch.arange(8) == 0, extra.positive[0][own]])
+    by_hand = torch.logsumexp(logits, 0) - torch.logsumexp(logits[positive], 0)
+    first = Rewrites(extra.emb[:1], extra.present[:1], extra.positive[:1])
+    row, _ = info_nce(emb["image"][:1], emb["text"], has["text"], 0, torch.ones(1, dtype=torch.bool), scale, first)
+    assert row.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    loss, metrics = contrastive_loss(emb, has, scale, extra)
+    assert loss.item() != pytest.approx(plain.item(), abs=1e-3)
+    assert 0 <= metrics["image_hard_negative_acc"] <= 1 and "audio_hard_negative_acc" in metrics
 
 
 def test_matching_swaps():

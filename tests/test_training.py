@@ -76,12 +76,14 @@ def vq_export(data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_run(data, vq_export, tmp_path_factory) -> Path:
-    """All seven tasks every step (sum mode) while the two ranks read different modality mixes."""
+    """All seven tasks every step (sum mode) while the two ranks read different modality mixes; with caption
+    rewrites, which only some samples of rank 1 (its text-only ones) have."""
     root = tmp_path_factory.mktemp("mixed")
     config = write_config(
         root / "mixed.yaml", data, image_tokenizer=str(vq_export),
         data={"sources": [{"name": "mixed", "shards": str(data["mixed"])}], "eval_shards": str(data["eval"]),
-              "eval_samples": 24, "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+              "eval_samples": 24, "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16,
+                                             "paraphrases_per_sample": 1, "hard_negatives_per_sample": 2},
               "reader": {"batch_size": 4, "num_workers": 1, "shuffle_shards": False, "shuffle_buffer": 0}},
         schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
         train={"steps": 4, "log_every": 1, "save_every": 0, "generations": 2, "log_sample_keys": True})
@@ -110,7 +112,8 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
     expected = ["loss/total", "optim/lr", "optim/grad_norm", "optim/loss_scale", "optim/skipped_steps",
                 "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/data_wait_frac", "perf/text_tokens_per_s",
                 "perf/image_tokens_per_s", "perf/audio_tokens_per_s", "memory/peak_mb", "memory/transient_mb", "data/samples_seen",
-                "schedule/stage", "eval/text->image/R@1", "eval/audio->image/R@10", "eval/text->audio/R@5"]
+                "schedule/stage", "eval/text->image/R@1", "eval/audio->image/R@10", "eval/text->audio/R@5",
+                "contrastive/image_hard_negative_acc", "eval/image->text/hard_negative_acc", "eval/audio->text/hard_negative_acc"]
     for tag in expected:
         assert tag in tb, tag
     assert tb["perf/samples_per_s"][4] > 0 and 0 < tb["perf/mfu"][4] < 1 and tb["data/samples_seen"][4] == 2 * 4 * 4
@@ -169,8 +172,10 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
     for query in ("text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"):
         assert 0 <= report["retrieval"][f"eval/{query}/R@1"] <= report["retrieval"][f"eval/{query}/R@10"] <= 1
     assert len((out / "captions.txt").read_text().splitlines()) == 3 and (out / "images.png").stat().st_size > 0
-    table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0").stdout
+    table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0",
+                       "--hard-negatives", "3").stdout
     assert "text->image" in table and "chance R@1" in table
+    assert re.search(r"image->text: own caption above all hard negatives for [01]\.\d{3} of the samples", table), table
 
 
 @pytest.mark.slow
@@ -224,6 +229,7 @@ def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data
     ("deepspeed=ds_configs/none.json", "deepspeed config not found"),
     ("data.sources=[{name: x, shards: '/nowhere/shard-{0..3}.tar'}]", "shard not found: /nowhere/shard-0.tar"),
     ("data.sources=[{name: x, shards: /nowhere/shard-{0..3}.tar}]", "the value is not valid YAML"),
+    ("data.decode.hard_negatives_per_sample=-1", "data.decode: hard_negatives_per_sample must be >= 0, got -1"),
 ])
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
     config = write_config(tmp_path / "c.yaml", data)

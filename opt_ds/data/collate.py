@@ -8,13 +8,48 @@ from torch.nn.utils.rnn import pad_sequence
 from opt_ds.data.decode import DecodeConfig
 
 MIN_AUDIO_FRAMES = 16  # the audio encoder's conv stem needs a few frames even when the batch has no audio
+MIN_TEXT_TOKENS = 2
+NO_TEXT = torch.zeros(0, dtype=torch.long)
+
+
+def pad_with_mask(seqs: list[torch.Tensor], min_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad [T_i, ...] sequences to [N, T, ...] with T >= min_length; -> (padded, mask [N, T] True on real steps)."""
+    padded = pad_sequence([*seqs, seqs[0].new_zeros(min_length, *seqs[0].shape[1:])], batch_first=True)[:-1]
+    lengths = torch.tensor([seq.shape[0] for seq in seqs])
+    return padded, torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+
+
+def rewrite_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
+    """The captions' rewrites as K fixed slots per sample (paraphrases first, then hard negatives).
+
+    K comes from the config, not the data, so every batch on every rank has the same shape. Keys (none when
+    K = 0): rewrite_ids [B,K,L], rewrite_mask [B,K,L], has_rewrite [B,K], rewrite_positive [B,K] (True:
+    a paraphrase).
+    """
+    limits = {"paraphrases": cfg.paraphrases_per_sample, "hard_negatives": cfg.hard_negatives_per_sample}
+    slots = sum(limits.values())
+    if not slots:
+        return {}
+    seqs, present = [], []
+    for s in samples:
+        for field, limit in limits.items():
+            given = s.get(f"{field}_ids", [])[:limit]
+            seqs += given + [NO_TEXT] * (limit - len(given))
+            present += [True] * len(given) + [False] * (limit - len(given))
+    ids, mask = pad_with_mask(seqs, MIN_TEXT_TOKENS)
+    batch_size = len(samples)
+    positive = torch.tensor([i < limits["paraphrases"] for i in range(slots)])
+    return {"rewrite_ids": ids.view(batch_size, slots, -1), "rewrite_mask": mask.view(batch_size, slots, -1),
+            "has_rewrite": torch.tensor(present).view(batch_size, slots),
+            "rewrite_positive": positive.expand(batch_size, slots).clone()}
 
 
 def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     """Every modality tensor is always present (zeros where absent): ranks must run the same graph.
 
     Keys: keys, captions, image [B,3,S,S], has_image [B], audio [B,T,M], audio_mask [B,T],
-    has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B]. Masks are True on real tokens.
+    has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' keys. Masks are True on
+    real tokens.
     """
     batch_size = len(samples)
     size = cfg.image_size
@@ -25,20 +60,12 @@ def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
             image[i] = s["image"]
 
     has_audio = torch.tensor(["audio" in s for s in samples])
-    audio_seqs = [s.get("audio", torch.zeros(0, cfg.n_mels)) for s in samples]
-    audio_seqs.append(torch.zeros(MIN_AUDIO_FRAMES, cfg.n_mels))
-    audio = pad_sequence(audio_seqs, batch_first=True)[:-1]
-    lengths = torch.tensor([a.shape[0] for a in audio_seqs[:-1]])
-    audio_mask = torch.arange(audio.shape[1])[None, :] < lengths[:, None]
+    audio, audio_mask = pad_with_mask([s.get("audio", torch.zeros(0, cfg.n_mels)) for s in samples], MIN_AUDIO_FRAMES)
 
     has_text = torch.tensor(["text_ids" in s for s in samples])
-    text_seqs = [s.get("text_ids", torch.zeros(0, dtype=torch.long)) for s in samples]
-    text_seqs.append(torch.zeros(2, dtype=torch.long))
-    text_ids = pad_sequence(text_seqs, batch_first=True, padding_value=0)[:-1]
-    text_lengths = torch.tensor([t.shape[0] for t in text_seqs[:-1]])
-    text_mask = torch.arange(text_ids.shape[1])[None, :] < text_lengths[:, None]
+    text_ids, text_mask = pad_with_mask([s.get("text_ids", NO_TEXT) for s in samples], MIN_TEXT_TOKENS)
 
-    return {
+    return rewrite_slots(samples, cfg) | {
         "keys": [s["key"] for s in samples],
         "captions": [s.get("caption", "") for s in samples],
         "image": image,

@@ -15,7 +15,7 @@ import torchaudio
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, first_present
+from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, caption_rewrites, first_present
 from opt_ds.data.tokenizer import load_tokenizer
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,8 +32,15 @@ class DecodeConfig:
     fbank_mean: float = -4.27  # AudioSet log-mel statistics (AST), waveform in [-1, 1]
     fbank_std: float = 4.57
     max_text_tokens: int = 64
+    paraphrases_per_sample: int = 0  # caption rewrites (KEY.json) batched for the contrastive task: extra positives
+    hard_negatives_per_sample: int = 0  # ... and extra negatives; 0 and 0: no rewrites in the batch
     max_sample_bytes: int = 64 * 1024 * 1024
     tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("paraphrases_per_sample", "hard_negatives_per_sample"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class SampleDecoder:
@@ -89,6 +96,20 @@ class SampleDecoder:
         ids = self.tokenizer(caption, truncation=True, max_length=self.cfg.max_text_tokens)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
+    def rewrites(self, raw: dict, out: dict) -> list[tuple[str, str]]:
+        """Tokenize up to the configured number of the caption's paraphrases and hard negatives into `out`."""
+        limits = {"paraphrases": self.cfg.paraphrases_per_sample, "hard_negatives": self.cfg.hard_negatives_per_sample}
+        if not any(limits.values()):
+            return []
+        try:
+            rewrites = caption_rewrites(raw)
+        except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            return [("bad_rewrites", f"{type(exc).__name__}: {exc}")]
+        for field, limit in limits.items():
+            if rewrites[field][:limit]:
+                out[f"{field}_ids"] = [self.text(t) for t in rewrites[field][:limit]]
+        return []
+
     def __call__(self, raw: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         problems: list[tuple[str, str]] = []
         size = sum(len(v) for k, v in raw.items() if isinstance(v, bytes))
@@ -122,6 +143,7 @@ class SampleDecoder:
             if caption:
                 out["caption"] = caption
                 out["text_ids"] = self.text(caption)
+                problems += self.rewrites(raw, out)
             else:
                 problems.append(("empty_caption", ""))
 

@@ -7,6 +7,7 @@ import json
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 CAPTION_JSON_FIELDS = ("text", "caption")
+REWRITE_JSON_FIELDS = ("paraphrases", "hard_negatives")  # UNIMO's caption rewrites, in KEY.json
 MODALITIES = ("image", "text", "audio")
 
 
@@ -28,3 +29,18 @@ def caption_bytes(sample: dict) -> str | None:
                 if isinstance(meta.get(field), str):
                     return meta[field]
     return None
+
+
+def caption_rewrites(sample: dict) -> dict[str, list[str]]:
+    """The caption's rewrites from KEY.json: `paraphrases` (extra positives) and `hard_negatives` (captions
+    with an object, attribute or count changed), each a string or a list of strings; absent fields give [].
+    Raises ValueError naming the field when it holds anything else."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    rewrites = {}
+    for field in REWRITE_JSON_FIELDS:
+        value = meta.get(field, []) if isinstance(meta, dict) else []
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"json field {field!r} must be a string or a list of strings, not {value!r:.80}")
+        rewrites[field] = [" ".join(v.split()) for v in value if v.strip()]
+    return rewrites

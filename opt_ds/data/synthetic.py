@@ -2,6 +2,7 @@
 
 A sample is "<count> <colour> <shape>s": the picture draws them on a grey field; the sound plays
 <count> beeps, then a tone whose pitch names the colour, then a two-tone chord that names the shape.
+Its KEY.json carries caption rewrites for UNIMO's contrastive task: a paraphrase and hard negatives.
 """
 
 from __future__ import annotations
@@ -98,8 +99,24 @@ def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, audio_seco
         buf = io.BytesIO()
         soundfile.write(buf, synth_audio(count, colour, shape, audio_seconds, rng), SAMPLE_RATE, format=audio_format.upper())
         sample[audio_format] = buf.getvalue()
-    if "text" in modalities:
-        sample["txt"] = describe(count, colour, shape, rng.randrange(len(TEMPLATES))).encode()
     label = (count - 1) * len(COLOURS) * len(SHAPES) + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
-    sample["json"] = json.dumps({"count": count, "colour": colour, "shape": shape, "label": label}).encode()
+    meta: dict = {"count": count, "colour": colour, "shape": shape, "label": label}
+    if "text" in modalities:
+        template = rng.randrange(len(TEMPLATES))
+        sample["txt"] = describe(count, colour, shape, template).encode()
+        meta |= rewrites(count, colour, shape, template, random.Random(f"rewrites-{seed}-{index}"))
+    sample["json"] = json.dumps(meta).encode()
     return sample
+
+
+def rewrites(count: int, colour: str, shape: str, template: int, rng: random.Random) -> dict[str, list[str]]:
+    """UNIMO-style caption rewrites: a paraphrase (another template, same content) and three hard negatives,
+    each with one of count, colour and shape changed (in random order)."""
+    other_template = (template + rng.randrange(1, len(TEMPLATES))) % len(TEMPLATES)
+    negatives = [
+        describe(rng.choice([c for c in range(1, len(COUNTS) + 1) if c != count]), colour, shape, template),
+        describe(count, rng.choice([c for c in COLOURS if c != colour]), shape, template),
+        describe(count, colour, rng.choice([s for s in SHAPES if s != shape]), template),
+    ]
+    rng.shuffle(negatives)
+    return {"paraphrases": [describe(count, colour, shape, other_template)], "hard_negatives": negatives}

@@ -31,6 +31,7 @@ class Unimodal:
     image: torch.Tensor  # [B, 1+N, Dv]; [:, 0] is CLS
     audio: torch.Tensor  # [B, 1+T', Da]; [:, 0] is CLS
     audio_valid: torch.Tensor
+    extra_text: torch.Tensor | None = None  # [E, L', Dt]: text-only rows a task asked for (caption rewrites)
 
     def pooled(self) -> dict[str, torch.Tensor]:
         return {"text": self.text[:, 0], "image": self.image[:, 0], "audio": self.audio[:, 0]}

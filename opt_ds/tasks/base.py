@@ -71,6 +71,7 @@ class Task:
 
     name: str
     components: tuple[str, ...]  # model components the task runs (for the FLOP count)
+    extra_text_key: str | None = None  # batch key [B, K, L] of text-only rows it encodes too (for the FLOP count)
 
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         """-> (what to encode, the state `score` needs)."""

@@ -2,15 +2,17 @@
 
 Embeddings are the uni-modal encoders' CLS outputs, projected and normalised; negatives come from the
 whole global batch (gathered from all ranks with gradients), with a learnable, clamped temperature.
+Optionally each caption brings rewrites (UNIMO's text rewriting): paraphrases as more positives and hard
+negatives as more negatives of its own sample's image and audio.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from opt_ds.model.fusion import MODALITY_ORDER, Fused
 from opt_ds.model.opt import OPTModel, Unimodal
@@ -38,36 +40,82 @@ def gather_flags(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+@dataclass
+class Rewrites:
+    """UNIMO's caption rewrites, K slots per sample: paraphrases are more positives for the sample's image
+    and audio, hard negatives (a changed object, attribute or count) more negatives for them."""
+
+    emb: torch.Tensor  # [B, K, C], normalised
+    present: torch.Tensor  # [B, K]
+    positive: torch.Tensor  # [B, K] True: a paraphrase
+
+
 def info_nce(query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor, offset: int, rows: torch.Tensor,
-             scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """query [B,C] against all keys [N,C]; row i's positive is key offset+i; only `rows` count."""
+             scale: torch.Tensor, rewrites: Rewrites | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [B,C] against all keys [N,C]; row i's positive is key offset+i; only `rows` count.
+
+    With rewrites, row i also scores its own sample's K rewrites: paraphrases are more positives (the summed
+    probability of the positives is maximised, as in UNIMO), hard negatives more negatives. Another sample's
+    hard negative may well describe this one, so rewrites never meet the other rows' queries.
+    Accuracy: the best-scoring key is a positive.
+    """
     logits = (query @ keys.t() * scale).masked_fill(~key_valid[None, :], float("-inf"))
-    targets = torch.arange(query.shape[0], device=query.device) + offset
-    ce = F.cross_entropy(logits.masked_fill(~rows[:, None], 0.0), targets, reduction="none")
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[torch.arange(query.shape[0]), torch.arange(query.shape[0]) + offset] = True
+    if rewrites is not None:
+        own = (torch.einsum("bc,bkc->bk", query, rewrites.emb) * scale).masked_fill(~rewrites.present, float("-inf"))
+        logits, positive = torch.cat([logits, own], 1), torch.cat([positive, rewrites.positive], 1)
+    logits = logits.masked_fill(~rows[:, None], 0.0)  # uncounted rows stay finite: no NaN in the backward
+    positive = positive | ~rows[:, None]
+    per_row = torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), -1)
     count = rows.sum().clamp(min=1)
-    loss = (ce * rows).sum() / count
-    acc = ((logits.argmax(-1) == targets) & rows).sum() / count
+    loss = (per_row * rows).sum() / count
+    acc = (positive.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) & rows).sum() / count
     return loss, acc.detach()
 
 
 class CrossModalContrastive(Task):
-    name, components = "contrastive", ("text", "vision", "audio", "heads")
+    name, components, extra_text_key = "contrastive", ("text", "vision", "audio", "heads"), "rewrite_ids"
 
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
-        return EncoderRequest(batch, fuse=False), {}
+        return contrastive_request(batch), {}
 
     def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
               fused: Fused | None) -> tuple[torch.Tensor, dict]:
-        emb, scale = model.contrastive_head(uni.pooled())
-        return contrastive_loss(emb, {m: batch[f"has_{m}"] for m in MODALITY_ORDER}, scale)
+        emb, scale, rewrites = contrastive_embeddings(model, batch, uni)
+        return contrastive_loss(emb, {m: batch[f"has_{m}"] for m in MODALITY_ORDER}, scale, rewrites)
 
 
-def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
-                     scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def contrastive_request(batch: dict) -> EncoderRequest:
+    """The uni-modal encoders on the batch; the captions' rewrites, if batched, through the text encoder too."""
+    rewrites = None
+    if CrossModalContrastive.extra_text_key in batch:
+        rewrites = (batch["rewrite_ids"].flatten(0, 1), batch["rewrite_mask"].flatten(0, 1))
+    return EncoderRequest(batch, fuse=False, extra_text=rewrites)
+
+
+def contrastive_embeddings(model: OPTModel, batch: dict,
+                           uni: Unimodal) -> tuple[dict[str, torch.Tensor], torch.Tensor, Rewrites | None]:
+    """-> (normalised embedding per modality [B,C], logit scale, the rewrites' embeddings) from one head call."""
+    pooled = uni.pooled()
+    if uni.extra_text is not None:
+        pooled["text"] = torch.cat([pooled["text"], uni.extra_text[:, 0]])
+    emb, scale = model.contrastive_head(pooled)
+    if uni.extra_text is None:
+        return emb, scale, None
+    batch_size, slots = batch["has_rewrite"].shape
+    emb["text"], rewrite_emb = emb["text"].split([batch_size, batch_size * slots])
+    return emb, scale, Rewrites(rewrite_emb.unflatten(0, (batch_size, slots)),
+                                batch["has_rewrite"] & batch["has_text"][:, None], batch["rewrite_positive"])
+
+
+def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], scale: torch.Tensor,
+                     rewrites: Rewrites | None = None) -> tuple[torch.Tensor, dict]:
     """Mean symmetric InfoNCE over the modality pairs against the global batch's keys.
 
     The three modalities travel stacked: one all-gather for the embeddings and one for the presence flags per
-    step, instead of one of each per modality (each collective is a sync point between ranks).
+    step, instead of one of each per modality (each collective is a sync point between ranks). Rewrites
+    join the image->text and audio->text directions (see info_nce).
     """
     keys, offset = gather_with_grad(torch.stack([emb[m] for m in MODALITY_ORDER]), dim=1)  # [3, N, C]
     key_valid = gather_flags(torch.stack([has[m] for m in MODALITY_ORDER]), dim=1)  # [3, N]
@@ -76,8 +124,35 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
     metrics: dict[str, torch.Tensor] = {"temperature": (1.0 / scale).detach()}
     for a, b in PAIRS:
         rows = has[a] & has[b]
-        loss_ab, acc_ab = info_nce(emb[a], keys[index[b]], key_valid[index[b]], offset, rows, scale)
-        loss_ba, acc_ba = info_nce(emb[b], keys[index[a]], key_valid[index[a]], offset, rows, scale)
+        loss_ab, acc_ab = info_nce(emb[a], keys[index[b]], key_valid[index[b]], offset, rows, scale,
+                                   rewrites if b == "text" else None)
+        loss_ba, acc_ba = info_nce(emb[b], keys[index[a]], key_valid[index[a]], offset, rows, scale,
+                                   rewrites if a == "text" else None)
         total = total + (loss_ab + loss_ba) / 2
         metrics[f"{a}_{b}_acc"] = (acc_ab + acc_ba) / 2
+    if rewrites is not None:
+        metrics.update(hard_negative_accuracy(emb, has, rewrites))
     return total / len(PAIRS), metrics
+
+
+def hard_negative_accuracy(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
+                           rewrites: Rewrites) -> dict[str, torch.Tensor]:
+    """<m>_hard_negative_acc: the share of the samples with m, a caption and hard negatives whose m embedding
+    scores its own caption above every one of its hard negatives."""
+    return {f"{m}_hard_negative_acc": wins.sum() / rows.sum().clamp(min=1)
+            for m, (wins, rows) in beats_hard_negatives(emb, has, rewrites).items()}
+
+
+@torch.no_grad()
+def beats_hard_negatives(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
+                         rewrites: Rewrites) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per non-text modality m: (wins [B], rows [B]): whether m's embedding scores its caption above every hard
+    negative of it, on the rows that have m, a caption and at least one hard negative."""
+    negative = rewrites.present & ~rewrites.positive
+    out = {}
+    for m in (m for m in MODALITY_ORDER if m != "text"):
+        caption = (emb[m] * emb["text"]).sum(-1)
+        hardest = torch.einsum("bc,bkc->bk", emb[m], rewrites.emb).masked_fill(~negative, float("-inf")).amax(-1)
+        rows = has[m] & has["text"] & negative.any(-1)
+        out[m] = ((caption > hardest) & rows, rows)
+    return out
