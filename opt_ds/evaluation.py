@@ -56,9 +56,10 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
     emb = {m: torch.cat(v) for m, v in embeddings.items()}
     has = {m: torch.cat(v) for m, v in present.items()}
     out: dict[str, float] = {}
-    for m, wins in hard_negative_wins.items():  # caption above all of its hard negatives (UNIMO rewrites)
-        if torch.cat(wins).numel():
-            out[f"eval/{m}->text/hard_negative_acc"] = float(torch.cat(wins).float().mean())
+    for m, parts in hard_negative_wins.items():  # caption above all of its hard negatives (UNIMO rewrites)
+        wins = torch.cat(parts)
+        if wins.numel():
+            out[f"eval/{m}->text/hard_negative_acc"] = float(wins.float().mean())
     for a, b in PAIRS:
         rows = has[a] & has[b]
         n = int(rows.sum())

@@ -26,7 +26,7 @@ def rewrite_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
     K = 0): rewrite_ids [B,K,L], rewrite_mask [B,K,L], has_rewrite [B,K], rewrite_positive [B,K] (True:
     a paraphrase).
     """
-    limits = {"paraphrases": cfg.paraphrases_per_sample, "hard_negatives": cfg.hard_negatives_per_sample}
+    limits = cfg.rewrite_limits
     slots = sum(limits.values())
     if not slots:
         return {}

@@ -42,6 +42,11 @@ class DecodeConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    @property
+    def rewrite_limits(self) -> dict[str, int]:
+        """KEY.json rewrite field -> how many of them a sample brings (its slots in the batch, in this order)."""
+        return {"paraphrases": self.paraphrases_per_sample, "hard_negatives": self.hard_negatives_per_sample}
+
 
 class SampleDecoder:
     """Callable: raw sample dict -> (decoded dict or None, list of (reason, detail))."""
@@ -98,7 +103,7 @@ class SampleDecoder:
 
     def rewrites(self, raw: dict, out: dict) -> list[tuple[str, str]]:
         """Tokenize up to the configured number of the caption's paraphrases and hard negatives into `out`."""
-        limits = {"paraphrases": self.cfg.paraphrases_per_sample, "hard_negatives": self.cfg.hard_negatives_per_sample}
+        limits = self.cfg.rewrite_limits
         if not any(limits.values()):
             return []
         try:
