@@ -11,7 +11,7 @@ import torch.distributed as dist
 from conftest import join_gloo_group, spawn_gloo_ranks
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-from opt_ds.model.config import load_model_config
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.plain_loop import task_trend, train_plain
@@ -20,6 +20,7 @@ from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
 from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.tasks.contrastive import Rewrites, contrastive_loss, info_nce
 from opt_ds.tasks.matching import swap_sources
+from opt_ds.tasks.token import audio_token_valid
 
 EXPECTED_GRADS = {  # a parameter of each of these must get a non-zero gradient from the task
     "mlm": ["text", "vision", "audio", "fusion", "mlm_head"],
@@ -81,6 +82,23 @@ def test_mlm_never_masks_special_or_padding(setup):
     ids = batch["text_ids"]
     assert not cand[ids == 101].any() and not cand[ids == 102].any() and not cand[~batch["text_mask"]].any()
     assert (cand.sum(1) > 0).all()
+
+
+def test_mam_prediction_never_sees_its_target_frames(setup):
+    """A masked audio token's prediction has zero gradient w.r.t. the frames it must reconstruct, while the
+    unmasked frames do reach it. The conv stem spans 7 frames: masking after it let an unmasked neighbour carry
+    3 of the 4 target frames."""
+    cfg, model, vq, batch = setup
+    mask = choose_mask(audio_token_valid(batch, model), ctx_for(vq), whole_prob=0.0)
+    audio = batch["audio"][:, : cfg.audio.max_frames].clone().requires_grad_(True)
+    inputs = batch | {"audio": audio, "audio_mask": batch["audio_mask"][:, : cfg.audio.max_frames]}
+    fused = model.fuse(model.unimodal(inputs, audio_token_mask=mask), inputs)
+    model.mam_head(fused.part("audio")[:, 1:][mask]).sum().backward()
+    targets = mask.repeat_interleave(FRAMES_PER_AUDIO_TOKEN, dim=1)[:, : audio.shape[1]]
+    assert mask.any() and targets.any()
+    assert audio.grad[targets].abs().max() == 0
+    assert audio.grad[~targets & inputs["audio_mask"]].abs().sum() > 0
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

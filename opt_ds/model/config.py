@@ -115,6 +115,9 @@ class ModelConfig:
             raise ValueError("vq.downsample must be a power of two")
 
 
+FRAMES_PER_AUDIO_TOKEN = 4  # the audio stem's two stride-2 convolutions
+
+
 def subsampled_length(frames):
     """Frames after two conv layers with kernel 3, stride 2, padding 1 (int or integer tensor; 0 stays 0)."""
     for _ in range(2):

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from opt_ds.model.config import AudioConfig, TextConfig, VisionConfig, subsampled_length
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, AudioConfig, TextConfig, VisionConfig, subsampled_length
 from opt_ds.model.layers import Transformer, key_padding_mask, run_blocks
 
 
@@ -117,9 +117,14 @@ class AudioEncoder(nn.Module):
                 token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> tokens [B, 1+T', D] and their validity [B, 1+T'] (CLS always valid).
 
-        token_mask [B, T'] (True = masked for MAM) replaces subsampled frames with the mask token.
+        token_mask [B, T'] (True = masked for MAM) hides token k's frames 4k..4k+3 twice: they are zeroed (the
+        normalised mean) before the conv stem, whose receptive field spans 7 frames, so no unmasked neighbour sees
+        a masked token's target frames; and the token itself becomes the mask token after the stem.
         """
         fbank, frame_valid = fbank[:, : self.cfg.max_frames], frame_valid[:, : self.cfg.max_frames]
+        if token_mask is not None:
+            frame_mask = token_mask.repeat_interleave(FRAMES_PER_AUDIO_TOKEN, dim=1)[:, : fbank.shape[1]]
+            fbank = fbank.masked_fill(frame_mask[..., None], 0.0)
         x = self.subsample(fbank.unsqueeze(1))  # [B, C, T', M']
         x = self.input_proj(x.permute(0, 2, 1, 3).flatten(2))
         if token_mask is not None:

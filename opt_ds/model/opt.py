@@ -10,14 +10,13 @@ from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 from transformers.models.bert.modeling_bert import BertLayer
 
-from opt_ds.model.config import ModelConfig
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, ModelConfig
 from opt_ds.model.decoders import TokenDecoder
 from opt_ds.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt_ds.model.fusion import CrossModalEncoder, Fused, spans
 from opt_ds.model.heads import ContrastiveHead, LinearHead, MatchingHead, MLMHead
 from opt_ds.model.layers import Block
 
-FRAMES_PER_AUDIO_TOKEN = 4
 T = TypeVar("T")
 COMPONENTS = ("text", "vision", "audio", "fusion", "text_decoder", "image_decoder", "heads")
 # One transformer layer of each tower, decoder and the fusion: the unit ZeRO-3 gathers whole (leaf modules)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.model.config import ModelConfig, subsampled_length
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, ModelConfig, subsampled_length
 from opt_ds.model.heads import MATCH_CLASSES
-from opt_ds.model.opt import FRAMES_PER_AUDIO_TOKEN
 
 
 def _linear(n_in: int, n_out: int, bias: bool = True) -> int:

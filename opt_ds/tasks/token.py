@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opt_ds.model.config import subsampled_length
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, subsampled_length
 from opt_ds.model.fusion import Fused
-from opt_ds.model.opt import FRAMES_PER_AUDIO_TOKEN, OPTModel, Unimodal
+from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.tasks.base import (Task, TaskContext, bert_corrupt, choose_mask, text_candidates, weighted_cross_entropy,
                                zero_if_empty)
 from opt_ds.tasks.encoding import EncoderRequest
