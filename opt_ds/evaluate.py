@@ -52,13 +52,16 @@ def evaluate(weights: str, shards: str, samples: int, out_dir: Path | None, gene
 def print_table(report: dict) -> None:
     scores = report["retrieval"]
     print(f"retrieval on {report['samples']} held-out samples ({report['weights']})")
-    print(f"{'query -> target':<18}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT) + f"{'chance R@1':>12}")
+    print("a duplicate caption counts as correct, a tie with a wrong candidate as a miss; chance under the same rule")
+    print(f"{'query -> target':<18}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT)
+          + f"{'chance R@1':>12}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT[1:]))
     for a, b in PAIRS:
-        chance = scores.get(f"eval/{a}_{b}/chance_R@1")
+        chance = "".join(f"{scores.get(f'eval/{a}_{b}/chance_R@{k}', float('nan')):>{w}.3f}"
+                         for k, w in zip(RECALL_AT, (12, 8, 8)))
         for query in (f"{a}->{b}", f"{b}->{a}"):
             if f"eval/{query}/R@1" in scores:
                 cells = "".join(f"{scores[f'eval/{query}/R@{k}']:>8.3f}" for k in RECALL_AT)
-                print(f"{query:<18}{cells}{chance:>12.3f}")
+                print(f"{query:<18}{cells}{chance}")
     for key, value in scores.items():
         if key.endswith("/hard_negative_acc"):
             print(f"{key.split('/')[1]}: own caption above all hard negatives for {value:.3f} of the samples")

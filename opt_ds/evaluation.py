@@ -18,6 +18,7 @@ from opt_ds.batch import to_device
 from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.generate import generate_image_tokens, generate_text
 from opt_ds.model.vqvae import VQVAE
+from opt_ds.scoring import chance_recall, recall_at, same_caption
 from opt_ds.tasks.base import TextSpecials
 from opt_ds.tasks.contrastive import PAIRS, beats_hard_negatives, contrastive_embeddings, contrastive_request
 from opt_ds.tasks.encoding import encode_requests
@@ -40,7 +41,8 @@ def eval_batches(shards: str, decode: DecodeConfig, batch_size: int, limit: int)
 
 @torch.no_grad()
 def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Recall@K in both directions for each modality pair, over the samples that have both."""
+    """Recall@K in both directions for each modality pair, over the samples that have both; duplicate captions
+    count as correct and ties with a wrong candidate as misses (opt_ds.scoring), chance under the same rule."""
     embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITY_ORDER}
     present: dict[str, list[torch.Tensor]] = {m: [] for m in embeddings}
     hard_negative_wins: dict[str, list[torch.Tensor]] = {}
@@ -60,18 +62,21 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
         wins = torch.cat(parts)
         if wins.numel():
             out[f"eval/{m}->text/hard_negative_acc"] = float(wins.float().mean())
+    captions = [c for batch in batches for c in batch["captions"]]
     for a, b in PAIRS:
         rows = has[a] & has[b]
         n = int(rows.sum())
         if n < 2:
             continue
         sim = emb[a][rows] @ emb[b][rows].t()
+        correct = (same_caption([c for c, r in zip(captions, rows.tolist()) if r]) if "text" in (a, b)
+                   else torch.eye(n, dtype=torch.bool))
         for query, scores in ((f"{a}->{b}", sim), (f"{b}->{a}", sim.t())):
-            rank = (scores > scores.diagonal()[:, None]).sum(1)  # how many candidates beat the true match
-            for k in RECALL_AT:
-                out[f"eval/{query}/R@{k}"] = float((rank < k).float().mean())
+            for k, recall in recall_at(scores, correct, RECALL_AT).items():
+                out[f"eval/{query}/R@{k}"] = recall
         out[f"eval/{a}_{b}/samples"] = float(n)
-        out[f"eval/{a}_{b}/chance_R@1"] = 1.0 / n
+        for k, chance in chance_recall(correct, RECALL_AT).items():
+            out[f"eval/{a}_{b}/chance_R@{k}"] = chance
     return out
 
 
