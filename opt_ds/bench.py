@@ -42,7 +42,7 @@ import yaml
 
 from opt_ds import memory
 from opt_ds.batch import to_device
-from opt_ds.config import REPO_ROOT
+from opt_ds.config import RANDOM_IMAGE_TOKENIZER, REPO_ROOT
 from opt_ds.data import build_shards
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
@@ -129,6 +129,7 @@ def deepspeed_run(model_name: str, zero: int, ranks: int, batch_per_rank: int, s
                             "max_audio_seconds": AUDIO_SECONDS, "max_text_tokens": TEXT_TOKENS},
                  "reader": {"batch_size": batch_per_rank, "num_workers": 1}},
         "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
+        "image_tokenizer": RANDOM_IMAGE_TOKENIZER,  # a speed measurement: the codes need not mean anything
         "train": {"steps": warmup + steps, "log_every": 1, "save_every": 0},
     }
     name = name or f"zero{zero}_ranks{ranks}" + ("_ckpt" if checkpointing else "")

@@ -17,6 +17,7 @@ from opt_ds.tasks.schedule import ScheduleConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 STAGES = ("pretrain", "vqvae")
+RANDOM_IMAGE_TOKENIZER = "random"  # image_tokenizer value: an untrained VQ-VAE, for speed benchmarks and tests only
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ExperimentConfig:
     stage: str = "pretrain"
     model: str = "tiny"  # a named model config or a YAML path
     model_overrides: dict = field(default_factory=dict)
-    image_tokenizer: str | None = None  # an exported VQ-VAE (.safetensors) for MVM and image generation
+    image_tokenizer: str | None = None  # an exported VQ-VAE (.safetensors) for MVM and image generation; "random": untrained
     deepspeed: str = "ds_configs/zero3_bf16.json"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

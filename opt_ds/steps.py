@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from opt_ds.batch import to_device
+from opt_ds.config import RANDOM_IMAGE_TOKENIZER
+from opt_ds.dataclass_config import ConfigError
 from opt_ds.metrics import step_flops
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.vqvae import VQVAE
@@ -16,16 +19,26 @@ from opt_ds.tasks import TASKS, NEEDS_IMAGE_TOKENIZER, TaskContext, TaskSchedule
 log = logging.getLogger("opt_ds.steps")
 
 
-def load_image_tokenizer(path: str | None, model_cfg: ModelConfig, device: torch.device) -> VQVAE:
-    """The frozen VQ-VAE: exported weights (the image_tokenizer.* part of an export), or a fresh one."""
+def load_image_tokenizer(path: str, model_cfg: ModelConfig, device: torch.device) -> VQVAE:
+    """The frozen VQ-VAE: exported weights (the image_tokenizer.* part of an export), or a fresh one for 'random'."""
     tokenizer = VQVAE(model_cfg.vq)
-    if path:
+    if path == RANDOM_IMAGE_TOKENIZER:
+        log.warning("image_tokenizer: random: MVM and image generation learn the codes of an untrained VQ-VAE")
+    else:
         from opt_ds.export import load_bundle_part
 
         load_bundle_part(tokenizer, path, "image_tokenizer.")
-    else:
-        log.warning("no image_tokenizer given: MVM and image generation use a randomly initialised VQ-VAE")
     return tokenizer.to(device).eval().requires_grad_(False)
+
+
+def check_image_tokenizer(path: str | None, scheduler: TaskScheduler) -> None:
+    """MVM and image generation learn the codes of the image tokenizer: without a trained one they learn noise."""
+    if path is None and needs_image_tokenizer(scheduler):
+        raise ConfigError(f"image_tokenizer: the schedule runs {' and '.join(sorted(NEEDS_IMAGE_TOKENIZER))}, which "
+                          "predict the codes of a trained VQ-VAE: train one (stage: vqvae), export it and give the "
+                          f"file, or '{RANDOM_IMAGE_TOKENIZER}' for speed tests only")
+    if path not in (None, RANDOM_IMAGE_TOKENIZER) and not Path(path).is_file():
+        raise ConfigError(f"image_tokenizer: {path} not found (an export of a stage: vqvae run)")
 
 
 class PretrainStep:

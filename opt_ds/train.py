@@ -22,7 +22,7 @@ from opt_ds.distributed import device, init_distributed
 from opt_ds.engine import build_engine
 from opt_ds.model.config import load_model_config
 from opt_ds.model.size import parameter_count
-from opt_ds.steps import PretrainStep, TokenizerStep, load_image_tokenizer, needs_image_tokenizer
+from opt_ds.steps import PretrainStep, TokenizerStep, check_image_tokenizer, load_image_tokenizer
 from opt_ds.tasks import TASKS, TaskScheduler, TextSpecials
 from opt_ds.trainer import Trainer
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = TaskScheduler(cfg.schedule, set(TASKS))
         ds_config = load_deepspeed_config(cfg, parameter_count(model_cfg)["total"])
         loader_check = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader)  # shard specs checked
+        if cfg.stage == "pretrain":
+            check_image_tokenizer(cfg.image_tokenizer, scheduler)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"opt_ds.train: config error: {exc}", file=sys.stderr)
         return 2
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.stage == "vqvae":
         step_fn = TokenizerStep()
     else:
-        if needs_image_tokenizer(scheduler) or cfg.data.eval_shards:
+        if cfg.image_tokenizer is not None:
             image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device())
         step_fn = PretrainStep(model_cfg, scheduler, image_tokenizer, TextSpecials.from_tokenizer(tokenizer),
                                cfg.train.seed, rank)

@@ -230,6 +230,8 @@ def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data
     ("data.sources=[{name: x, shards: '/nowhere/shard-{0..3}.tar'}]", "shard not found: /nowhere/shard-0.tar"),
     ("data.sources=[{name: x, shards: /nowhere/shard-{0..3}.tar}]", "the value is not valid YAML"),
     ("data.decode.hard_negatives_per_sample=-1", "data.decode: hard_negatives_per_sample must be >= 0, got -1"),
+    ("train.steps=3", "image_tokenizer: the schedule runs image_gen and mvm, which predict the codes of a trained VQ-VAE"),
+    ("image_tokenizer=/nowhere/vq.safetensors", "image_tokenizer: /nowhere/vq.safetensors not found"),
 ])
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
     config = write_config(tmp_path / "c.yaml", data)
