@@ -25,6 +25,7 @@ class DataConfig:
     sources: list[SourceConfig]
     eval_shards: str | None = None  # held-out shards for retrieval and generation
     eval_samples: int = 256
+    eval_generate: int = 64  # of those, captioned from each source and drawn from their captions, and scored
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
 
@@ -53,7 +54,7 @@ class RunConfig:
     seed: int = 0
     gradient_accumulation: int = 1
     grad_clip: float = 1.0
-    generations: int = 4  # captions and images logged per evaluation
+    generations: int = 4  # of the generated captions and images, those logged to TensorBoard per evaluation
     log_sample_keys: bool = False  # write the keys of every consumed sample to logs/keys_rank*.jsonl
 
     def __post_init__(self) -> None:

@@ -1,12 +1,17 @@
-"""Evaluate an exported model without DeepSpeed: retrieval R@1/5/10 for every modality pair, and samples.
+"""Evaluate an exported model without DeepSpeed: what its encoders align and what its decoders generate.
 
-    python -m opt_ds.evaluate --weights model.safetensors --shards data/eval [--hard-negatives K] [--json] [--out DIR]
+    python -m opt_ds.evaluate --weights model.safetensors --shards data/eval [--generate N] [--hard-negatives K]
+                              [--json] [--out DIR]
 
-With --hard-negatives K and shards whose KEY.json lists `hard_negatives` (caption rewrites), it also reports
-how often an image (an audio clip) scores its own caption above all of its first K hard negatives.
+Reports retrieval R@1/5/10 for every modality pair (a duplicate caption counts as correct, a tie with a wrong
+candidate as a miss; chance under the same rule), zero-shot classification and 5-way matching per class;
+for the first N samples (--generate), captions from the image alone, the audio alone and both (BLEU-4, CIDEr,
+WER) and images from text + audio (retrieval of their captions by the model's own encoders; on synthetic
+data, the colour and shape named and the colour drawn). With --hard-negatives K and shards whose KEY.json lists
+`hard_negatives`, also how often an image (an audio clip) scores its own caption above its first K.
 
-Writes captions.txt (generated vs reference) and images.png (top: originals, bottom: generated from
-text + audio) into --out.
+Writes captions.txt, images.png (top: real, bottom: generated from text + audio) and grid.png (pictures beside
+their captions) into --out.
 """
 
 from __future__ import annotations
@@ -16,19 +21,44 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision.utils import save_image
 
+from opt_ds.config import RANDOM_IMAGE_TOKENIZER
+from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.shards import ShardSpecError
 from opt_ds.data.tokenizer import load_tokenizer
-from opt_ds.evaluation import RECALL_AT, eval_batches, generations, retrieval
+from opt_ds.eval_generation import Decoding, caption_evaluation, image_generation_evaluation, write_grid
+from opt_ds.evaluation import RECALL_AT, eval_batches, matching, retrieval, zero_shot
 from opt_ds.export import load_bundle
+from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.contrastive import PAIRS
 
 
-def evaluate(weights: str, shards: str, samples: int, out_dir: Path | None, generate: int, beams: int,
-             hard_negatives: int = 0) -> dict:
+def evaluate_model(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype, tokenizer,
+                   image_tokenizer: VQVAE | None, decode: DecodeConfig, generate: int,
+                   decoding: Decoding) -> tuple[dict[str, float], dict[str, list[str]], torch.Tensor, torch.Tensor]:
+    """Every score of the evaluation; -> (scores, generated captions per source with the references, real and
+    generated pictures). Used by the trainer (TensorBoard) and by this command."""
+    scores = retrieval(call, batches, device, dtype) | zero_shot(call, batches, device, dtype, decode)
+    scores |= matching(call, batches, device, dtype)
+    texts: dict[str, list[str]] = {}
+    real = generated = torch.empty(0)
+    if generate > 0:
+        caption_scores, texts = caption_evaluation(call, batches, device, dtype, tokenizer, generate, decoding,
+                                                   decode.max_text_tokens)
+        scores |= caption_scores
+        if image_tokenizer is not None:
+            image_scores, real, generated = image_generation_evaluation(call, batches, device, dtype, image_tokenizer,
+                                                                        generate, decoding)
+            scores |= image_scores
+    return scores, texts, real, generated
+
+
+def evaluate(weights: str, shards: str, samples: int, out_dir: Path | None, generate: int, decoding: Decoding,
+             hard_negatives: int = 0, grid_rows: int = 8) -> dict:
     bundle, cfg = load_bundle(weights)
     if cfg.stage != "pretrain":
         raise ValueError(f"{weights} is a '{cfg.stage}' export; evaluation needs a pre-training export")
@@ -36,21 +66,27 @@ def evaluate(weights: str, shards: str, samples: int, out_dir: Path | None, gene
     bundle.to(device)
     decode = replace(cfg.data.decode, paraphrases_per_sample=0, hard_negatives_per_sample=hard_negatives)
     batches = eval_batches(shards, decode, 32, samples)
-    scores = retrieval(bundle.model, batches, device, torch.float32)
-    report = {"weights": str(weights), "samples": sum(len(b["keys"]) for b in batches), "retrieval": scores}
-    if out_dir is not None and generate > 0:
+    trained_tokenizer = cfg.image_tokenizer not in (None, RANDOM_IMAGE_TOKENIZER)
+    scores, texts, real, generated = evaluate_model(
+        bundle.model, batches, device, torch.float32, load_tokenizer(cfg.data.decode.tokenizer),
+        bundle.image_tokenizer if trained_tokenizer else None, decode, generate, decoding)
+    report = {"weights": str(weights), "samples": sum(len(b["keys"]) for b in batches), "scores": scores}
+    if out_dir is not None and texts:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lines, images = generations(bundle.model, batches[0], device, torch.float32, load_tokenizer(cfg.data.decode.tokenizer),
-                                    bundle.image_tokenizer, generate, beams=beams)
+        keys = [k for b in batches for k in b["keys"]]
+        lines = [f"{key}: " + " | ".join(f"{source} '{captions[i]}'" for source, captions in texts.items())
+                 for i, key in enumerate(keys[: len(texts["reference"])])]
         (out_dir / "captions.txt").write_text("\n".join(lines) + "\n")
-        save_image(images, out_dir / "images.png", nrow=len(images) // 2)
+        if len(generated):
+            save_image(torch.cat([real, generated]), out_dir / "images.png", nrow=len(real))
+        report["grid"] = str(write_grid(out_dir / "grid.png", real, generated, texts, grid_rows))
         report["captions"] = lines
         report["outputs"] = str(out_dir)
     return report
 
 
 def print_table(report: dict) -> None:
-    scores = report["retrieval"]
+    scores = report["scores"]
     print(f"retrieval on {report['samples']} held-out samples ({report['weights']})")
     print("a duplicate caption counts as correct, a tie with a wrong candidate as a miss; chance under the same rule")
     print(f"{'query -> target':<18}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT)
@@ -65,28 +101,43 @@ def print_table(report: dict) -> None:
     for key, value in scores.items():
         if key.endswith("/hard_negative_acc"):
             print(f"{key.split('/')[1]}: own caption above all hard negatives for {value:.3f} of the samples")
+    groups = ("zero_shot", "matching", "captions_from_image", "captions_from_audio", "captions_from_image+audio",
+              "images_from_text")
+    for group in groups:
+        cells = [f"{k.split('/')[-1]} {v:.3f}" for k, v in scores.items() if k.split("/")[1] == group]
+        if cells:
+            print(f"{group}: " + ", ".join(cells))
     for line in report.get("captions", [])[:4]:
         print("  " + line)
     if "outputs" in report:
-        print(f"captions and images written to {report['outputs']}")
+        print(f"captions and images written to {report['outputs']}; look at {report['grid']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opt_ds.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Decoding()
     parser.add_argument("--weights", required=True, help="an export of python -m opt_ds.export")
     parser.add_argument("--shards", required=True, help="held-out shards (directory, pattern or list file)")
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--generate", type=int, default=8, help="samples to caption and to draw")
-    parser.add_argument("--beams", type=int, default=3)
+    parser.add_argument("--generate", type=int, default=64, help="samples to caption and to draw, and score")
+    parser.add_argument("--grid", type=int, default=8, help="samples shown in grid.png")
+    parser.add_argument("--beams", type=int, default=defaults.beams)
+    parser.add_argument("--no-repeat-ngram", type=int, default=defaults.no_repeat_ngram)
+    parser.add_argument("--image-temperature", type=float, default=defaults.image_temperature, help="0: greedy")
+    parser.add_argument("--image-top-k", type=int, default=defaults.image_top_k)
+    parser.add_argument("--image-top-p", type=float, default=defaults.image_top_p)
     parser.add_argument("--hard-negatives", type=int, default=0,
                         help="also score each caption against up to K hard negatives from KEY.json")
-    parser.add_argument("--out", default=None, help="where captions.txt and images.png go (default: beside the weights)")
+    parser.add_argument("--out", default=None, help="where the captions and pictures go (default: beside the weights)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     out_dir = Path(args.out) if args.out else Path(args.weights).with_suffix("").parent / (Path(args.weights).stem + "_eval")
+    decoding = Decoding(beams=args.beams, no_repeat_ngram=args.no_repeat_ngram, image_temperature=args.image_temperature,
+                        image_top_k=args.image_top_k, image_top_p=args.image_top_p)
     try:
-        report = evaluate(args.weights, args.shards, args.samples, out_dir, args.generate, args.beams, args.hard_negatives)
+        report = evaluate(args.weights, args.shards, args.samples, out_dir, args.generate, decoding,
+                          args.hard_negatives, args.grid)
     except (FileNotFoundError, ValueError, ShardSpecError) as exc:
         print(f"opt_ds.evaluate: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""Evaluation on held-out shards: retrieval R@1/5/10 for every modality pair, caption-vs-hard-negative
-accuracy when the shards carry caption rewrites, and sample generations.
+"""Evaluation of the contrastive embeddings on held-out shards: retrieval R@1/5/10 for every modality pair,
+caption-vs-hard-negative accuracy when the shards carry caption rewrites, zero-shot classification where
+samples name their class, and modality-matching accuracy per class. What the decoders generate is scored in opt_ds.eval_generation.
 
 `call(fn)` runs fn(model) through whatever wraps the model (the DeepSpeed engine or a plain module),
 so ZeRO-3 sees ordinary forwards. Every rank evaluates the same samples, which keeps the ranks'
@@ -12,15 +13,14 @@ from typing import Callable
 
 import torch
 
-from opt_ds.data.decode import IMAGE_MEAN, IMAGE_STD, DecodeConfig
-from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.batch import to_device
+from opt_ds.data.collate import collate
+from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.model.fusion import MODALITY_ORDER
-from opt_ds.model.generate import generate_image_tokens, generate_text
-from opt_ds.model.vqvae import VQVAE
 from opt_ds.scoring import chance_recall, recall_at, same_caption
-from opt_ds.tasks.base import TextSpecials
-from opt_ds.tasks.contrastive import PAIRS, beats_hard_negatives, contrastive_embeddings, contrastive_request
+from opt_ds.tasks.matching import CLASS_NAMES, swap
+from opt_ds.tasks.contrastive import PAIRS, Rewrites, beats_hard_negatives, contrastive_embeddings, contrastive_request
 from opt_ds.tasks.encoding import encode_requests
 
 RECALL_AT = (1, 5, 10)
@@ -40,6 +40,15 @@ def eval_batches(shards: str, decode: DecodeConfig, batch_size: int, limit: int)
 
 
 @torch.no_grad()
+def embed(call: Callable, batch: dict, device: torch.device,
+          dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Rewrites | None]:
+    """The contrastive embeddings of every modality of the batch (and of its caption rewrites, if batched)."""
+    b = to_device(batch, device, dtype)
+    emb, _, rewrites = call(lambda m: contrastive_embeddings(m, b, encode_requests(m, [contrastive_request(b)])[0][0]))
+    return emb, rewrites
+
+
+@torch.no_grad()
 def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Recall@K in both directions for each modality pair, over the samples that have both; duplicate captions
     count as correct and ties with a wrong candidate as misses (opt_ds.scoring), chance under the same rule."""
@@ -47,13 +56,13 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
     present: dict[str, list[torch.Tensor]] = {m: [] for m in embeddings}
     hard_negative_wins: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
-        b = to_device(batch, device, dtype)
-        emb, _, rewrites = call(lambda m: contrastive_embeddings(m, b, encode_requests(m, [contrastive_request(b)])[0][0]))
+        emb, rewrites = embed(call, batch, device, dtype)
         for m in embeddings:
             embeddings[m].append(emb[m].float().cpu())
             present[m].append(batch[f"has_{m}"])
         if rewrites is not None:
-            for m, (wins, rows) in beats_hard_negatives(emb, {m: b[f"has_{m}"] for m in MODALITY_ORDER}, rewrites).items():
+            for m, (wins, rows) in beats_hard_negatives(emb, {m: batch[f"has_{m}"].to(device) for m in MODALITY_ORDER},
+                                                         rewrites).items():
                 hard_negative_wins.setdefault(m, []).append(wins[rows].cpu())
     emb = {m: torch.cat(v) for m, v in embeddings.items()}
     has = {m: torch.cat(v) for m, v in present.items()}
@@ -80,36 +89,43 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
     return out
 
 
-def denormalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGE_MEAN, device=images.device)[:, None, None]
-    std = torch.tensor(IMAGE_STD, device=images.device)[:, None, None]
-    return (images.float() * std + mean).clamp(0, 1)
+@torch.no_grad()
+def zero_shot(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype,
+              decode: DecodeConfig) -> dict[str, float]:
+    """Zero-shot classification where samples name their class (KEY.json `label_name`, or a text `label`):
+    each image (audio clip) takes the class whose name, through the text encoder, scores highest. Chance is
+    1 / the number of classes."""
+    names = sorted({n for b in batches for n in b["labels"] if n})
+    if len(names) < 2:
+        return {}
+    text = SampleDecoder(decode).text
+    classes = collate([{"key": str(i), "caption": n, "text_ids": text(n)} for i, n in enumerate(names)], decode)
+    class_emb = embed(call, classes, device, dtype)[0]["text"].float().cpu()
+    hits: dict[str, list[bool]] = {m: [] for m in MODALITY_ORDER if m != "text"}
+    for batch in batches:
+        emb = embed(call, batch, device, dtype)[0]
+        for m, wins in hits.items():
+            guesses = (emb[m].float().cpu() @ class_emb.t()).argmax(1).tolist()
+            wins += [names[g] == n for g, n, has in zip(guesses, batch["labels"], batch[f"has_{m}"].tolist()) if n and has]
+    out = {"eval/zero_shot/classes": float(len(names)), "eval/zero_shot/chance": 1.0 / len(names)}
+    return out | {f"eval/zero_shot/{m}_acc": sum(w) / len(w) for m, w in hits.items() if w}
 
 
 @torch.no_grad()
-def generations(call: Callable, batch: dict, device: torch.device, dtype: torch.dtype, tokenizer,
-                image_tokenizer: VQVAE | None, count: int, beams: int = 1) -> tuple[list[str], torch.Tensor | None]:
-    """Captions from image+audio (text hidden) and images from text+audio (image hidden) for `count` samples."""
-    specials = TextSpecials.from_tokenizer(tokenizer)
-    small = {k: v[:count] for k, v in batch.items()}
-    b = to_device(small, device, dtype)
-
-    def captions(m):
-        fused = m.fuse(m.unimodal(b), b, keep={"text": torch.zeros_like(b["has_text"])})
-        return generate_text(m, fused, specials.cls, specials.sep, beams=beams)
-
-    lines = []
-    for ids, reference, key in zip(call(captions), small["captions"], small["keys"]):
-        generated = tokenizer.decode([t for t in ids if t != specials.sep], skip_special_tokens=True)
-        lines.append(f"{key}: generated '{generated}' | reference '{reference}'")
-    if image_tokenizer is None:
-        return lines, None
-
-    def images(m):
-        fused = m.fuse(m.unimodal(b), b, keep={"image": torch.zeros_like(b["has_image"])})
-        return generate_image_tokens(m, fused)
-
-    codes = call(images)
-    pictures = denormalise(image_tokenizer.decode(codes.to(next(image_tokenizer.parameters()).device)))
-    originals = denormalise(small["image"].to(pictures.device))
-    return lines, torch.cat([originals, pictures])  # first row: originals, second: generated
+def matching(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """5-way modality-matching accuracy per class: every held-out triplet is shown in each of the five
+    constructions (not drawn), so each class is scored on the same samples. Chance is 0.2."""
+    hits: dict[str, list[torch.Tensor]] = {name: [] for name in CLASS_NAMES}
+    for batch in batches:
+        if len(batch["keys"]) < 3:  # a sample swapped from two others needs three
+            continue
+        b = to_device(batch, device, dtype)
+        for label, name in enumerate(CLASS_NAMES):
+            swapped, rows = swap(b, torch.full_like(b["has_text"], label, dtype=torch.long))
+            logits = call(lambda m: m.matching_head(m.fuse(m.unimodal(swapped), swapped).tokens[:, 0]))
+            hits[name].append((logits.argmax(-1) == label)[rows].cpu())
+    out = {f"eval/matching/{name}_acc": float(torch.cat(h).float().mean()) for name, h in hits.items()
+           if h and torch.cat(h).numel()}
+    if out:
+        out["eval/matching/acc"] = sum(out.values()) / len(out)
+    return out

@@ -17,7 +17,9 @@ from opt_ds.config import ExperimentConfig
 from opt_ds.data.stream import ResumableLoader
 from opt_ds.distributed import all_gather_object, all_reduce, any_rank, barrier, device
 from opt_ds.engine import clear_stale_gradients, compute_dtype
-from opt_ds.evaluation import eval_batches, generations, retrieval
+from opt_ds.eval_generation import Decoding
+from opt_ds.evaluate import evaluate_model
+from opt_ds.evaluation import eval_batches
 from opt_ds.metrics import (MetricWindow, Reporter, cuda_peak_tflops, global_skip_counts, measure_matmul_peak_tflops,
                             modality_tokens)
 from opt_ds.model.config import ModelConfig
@@ -128,14 +130,17 @@ class Trainer:
         if self.eval_set is None:
             self.eval_set = eval_batches(data.eval_shards, data.decode, data.reader.batch_size, data.eval_samples)
         self.engine.eval()
-        scores = retrieval(self.engine, self.eval_set, self.device, self.dtype)
-        lines, images = generations(self.engine, self.eval_set[0], self.device, self.dtype, self.tokenizer,
-                                    self.image_tokenizer, self.cfg.train.generations)
+        scores, texts, real, generated = evaluate_model(self.engine, self.eval_set, self.device, self.dtype,
+                                                        self.tokenizer, self.image_tokenizer, data.decode,
+                                                        data.eval_generate, Decoding())
         self.engine.train()
         self.reporter.scalars(step, scores, group="eval")
-        self.reporter.text(step, "eval/captions", lines)
-        if images is not None:
-            self.reporter.images(step, "eval/generated_images", images)
+        shown = self.cfg.train.generations
+        if texts:
+            self.reporter.text(step, "eval/captions", [" | ".join(f"{source}: {captions[i]}" for source, captions in texts.items())
+                                                       for i in range(min(shown, len(texts["reference"])))])
+        if len(generated):
+            self.reporter.images(step, "eval/generated_images", torch.cat([real[:shown], generated[:shown]]))
         if self.rank == 0:
             recall = {k.removeprefix("eval/"): round(v, 3) for k, v in scores.items() if k.endswith("/R@1")}
             log.info("eval at step %d: %s", step, recall)

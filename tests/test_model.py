@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import run_module
 from opt_ds.dataclass_config import ConfigError
 from opt_ds.model.config import load_model_config, model_config_names
-from opt_ds.model.generate import generate_image_tokens, generate_text
+from opt_ds.model.generate import filter_logits, generate_image_tokens, generate_text
 from opt_ds.model.opt import OPTModel, parameter_counts
 from opt_ds.model.size import forward_flops, lengths_for, parameter_count
 from opt_ds.model.vqvae import VQVAE
@@ -171,12 +171,45 @@ def test_generation_stops_at_eos(tiny):
         handle.remove()
 
 
+def test_no_repeat_ngram_forbids_a_bigram_twice(tiny):
+    """A hook makes token 2000 always the best: greedy repeats it; with no_repeat_ngram=2 no bigram comes twice."""
+    cfg, model = tiny
+
+    def favour_one_word(_module, _inputs, logits):
+        logits[:, -1, 2000] += 1000.0
+        return logits
+
+    handle = model.text_decoder.head.register_forward_hook(favour_one_word)
+    try:
+        with torch.no_grad():
+            _, fused = model.encode(fake_batch(cfg))
+            repeated = generate_text(model, fused, bos=101, eos=102, max_len=8, beams=2)
+            controlled = generate_text(model, fused, bos=101, eos=102, max_len=8, beams=2, no_repeat_ngram=2)
+    finally:
+        handle.remove()
+    assert all(c == [2000] * 7 for c in repeated)
+    for c in controlled:
+        bigrams = list(zip(c, c[1:]))
+        assert len(bigrams) == len(set(bigrams)) and c.count(2000) >= 3  # still the favoured word; no bigram twice
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    kept = lambda out: torch.isfinite(out).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [[True, True, False, False], [False, False, True, True]]
+    assert kept(filter_logits(logits, top_p=0.8)) == [[True, True, False, False], [False, False, True, True]]
+    assert kept(filter_logits(logits, top_p=0.81)) == [[True, True, True, False], [False, True, True, True]]
+    assert kept(filter_logits(logits, top_p=0.4)) == [[True, False, False, False], [False, False, False, True]]
+    assert kept(filter_logits(logits)) == [[True] * 4] * 2
+
+
 def test_image_token_generation(tiny):
     cfg, model = tiny
     with torch.no_grad():
         _, fused = model.encode(fake_batch(cfg))
         greedy = generate_image_tokens(model, fused)
-        sampled = generate_image_tokens(model, fused, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(1))
+        sampled = generate_image_tokens(model, fused, temperature=1.0, top_k=20, top_p=0.9,
+                                        generator=torch.Generator().manual_seed(1))
     assert greedy.shape == sampled.shape == (3, cfg.vision.grid ** 2)
     assert greedy.max() < cfg.vq.codebook_size and sampled.max() < cfg.vq.codebook_size
     image = VQVAE(cfg.vq).decode(greedy)

@@ -54,3 +54,34 @@ def test_caption_scores_known_values():
     assert 0 < half["BLEU-4"] < 1 and 0 < half["CIDEr"] < perfect["CIDEr"]
     assert word_error_rate(["a red circle", "two blue"], ["a red circle", "two red squares"]) == pytest.approx(2 / 6)
     assert math.isfinite(word_error_rate(["", "x"], ["a b", "c"]))
+
+
+def test_synthetic_attributes_are_read_back_from_captions_and_pictures():
+    """The scorers of generated captions and pictures give the known answer on the generator's own output,
+    through JPEG, for every colour, shape and count."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from opt_ds.data.synthetic import COLOURS, SHAPES, describe, draw_image, drawn_colour, named_attributes
+
+    for n, (colour, shape, count) in enumerate(itertools.product(COLOURS, SHAPES, range(1, 5))):
+        buf = io.BytesIO()
+        draw_image(count, colour, shape, 64, random.Random(n)).save(buf, format="JPEG", quality=90)
+        assert drawn_colour(np.array(Image.open(buf))) == colour, (colour, shape, count)
+        for template in range(3):
+            named = named_attributes(describe(count, colour, shape, template))
+            assert named == {"count": ("one", "two", "three", "four")[count - 1], "colour": colour, "shape": shape}
+    assert drawn_colour(np.full((64, 64, 3), 128, np.uint8)) is None  # a flat grey picture shows no colour
+    assert named_attributes("a picture of of of") == {} and named_attributes("red and blue circles") == {"shape": "circle"}
+
+
+def test_attribute_share_counts_only_references_that_name_the_attributes():
+    from opt_ds.eval_generation import attribute_share
+
+    generated = ["two red squares", "a picture of three", "one blue cross", "a dog"]
+    references = ["two red squares", "three green circles", "four blue crosses", "a cat on a mat"]
+    assert attribute_share(generated, references, ("colour", "shape")) == pytest.approx(2 / 3)
+    assert attribute_share(["a dog"], ["a cat"], ("colour",)) is None

@@ -170,7 +170,7 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
                                    "--json", "--out", str(out), "--generate", "3", "--beams", "2").stdout)
     assert report["samples"] == 24
     for query in ("text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"):
-        assert 0 <= report["retrieval"][f"eval/{query}/R@1"] <= report["retrieval"][f"eval/{query}/R@10"] <= 1
+        assert 0 <= report["scores"][f"eval/{query}/R@1"] <= report["scores"][f"eval/{query}/R@10"] <= 1
     assert len((out / "captions.txt").read_text().splitlines()) == 3 and (out / "images.png").stat().st_size > 0
     table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0",
                        "--hard-negatives", "3").stdout

@@ -47,7 +47,7 @@ def rewrite_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
 def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     """Every modality tensor is always present (zeros where absent): ranks must run the same graph.
 
-    Keys: keys, captions, image [B,3,S,S], has_image [B], audio [B,T,M], audio_mask [B,T],
+    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S], has_image [B], audio [B,T,M], audio_mask [B,T],
     has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' keys. Masks are True on
     real tokens.
     """
@@ -68,6 +68,7 @@ def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     return rewrite_slots(samples, cfg) | {
         "keys": [s["key"] for s in samples],
         "captions": [s.get("caption", "") for s in samples],
+        "labels": [s.get("label", "") for s in samples],
         "image": image,
         "has_image": has_image,
         "audio": audio,

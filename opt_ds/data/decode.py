@@ -15,7 +15,7 @@ import torchaudio
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, caption_rewrites, first_present
+from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, caption_rewrites, class_name, first_present
 from opt_ds.data.tokenizer import load_tokenizer
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,6 +151,14 @@ class SampleDecoder:
                 problems += self.rewrites(raw, out)
             else:
                 problems.append(("empty_caption", ""))
+
+        try:
+            label = class_name(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            label = None
+            problems.append(("bad_json", f"{type(exc).__name__}: {exc}"))
+        if label is not None:
+            out["label"] = label
 
         if not any(m in out for m in ("image", "audio", "text_ids")):
             problems.append(("no_usable_modality", ",".join(sorted(k for k in raw if not k.startswith("__")))))

@@ -8,6 +8,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 CAPTION_JSON_FIELDS = ("text", "caption")
 REWRITE_JSON_FIELDS = ("paraphrases", "hard_negatives")  # UNIMO's caption rewrites, in KEY.json
+CLASS_JSON_FIELDS = ("label_name", "label")  # the sample's class as text (zero-shot classification prompts)
 MODALITIES = ("image", "text", "audio")
 
 
@@ -44,3 +45,14 @@ def caption_rewrites(sample: dict) -> dict[str, list[str]]:
             raise ValueError(f"json field {field!r} must be a string or a list of strings, not {value!r:.80}")
         rewrites[field] = [" ".join(v.split()) for v in value if v.strip()]
     return rewrites
+
+
+def class_name(sample: dict) -> str | None:
+    """The sample's class for zero-shot classification: KEY.json `label_name`, else a text `label` (a manifest's
+    label column); a numeric label alone names no class."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    if isinstance(meta, dict):
+        for field in CLASS_JSON_FIELDS:
+            if isinstance(meta.get(field), str) and meta[field].strip():
+                return " ".join(meta[field].split())
+    return None

@@ -2,7 +2,9 @@
 
 A sample is "<count> <colour> <shape>s": the picture draws them on a grey field; the sound plays
 <count> beeps, then a tone whose pitch names the colour, then a two-tone chord that names the shape.
-Its KEY.json carries caption rewrites for UNIMO's contrastive task: a paraphrase and hard negatives.
+Its KEY.json carries its class (`label`, `label_name`) and caption rewrites for UNIMO's contrastive task: a
+paraphrase and hard negatives. `named_attributes` and `drawn_colour` read the attributes back from any caption
+or picture, so generated ones can be scored without a person.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, audio_seco
         soundfile.write(buf, synth_audio(count, colour, shape, audio_seconds, rng), SAMPLE_RATE, format=audio_format.upper())
         sample[audio_format] = buf.getvalue()
     label = (count - 1) * len(COLOURS) * len(SHAPES) + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
-    meta: dict = {"count": count, "colour": colour, "shape": shape, "label": label}
+    meta: dict = {"count": count, "colour": colour, "shape": shape, "label": label,
+                  "label_name": describe(count, colour, shape, 0)}
     if "text" in modalities:
         template = rng.randrange(len(TEMPLATES))
         sample["txt"] = describe(count, colour, shape, template).encode()
@@ -120,3 +123,29 @@ def rewrites(count: int, colour: str, shape: str, template: int, rng: random.Ran
     ]
     rng.shuffle(negatives)
     return {"paraphrases": [describe(count, colour, shape, other_template)], "hard_negatives": negatives}
+
+
+def named_attributes(text: str) -> dict[str, str]:
+    """The count, colour and shape words a caption names ({} when it names none of the synthetic vocabulary)."""
+    words = text.lower().replace(".", " ").split()
+    found = {}
+    for attribute, vocabulary in (("count", COUNTS), ("colour", tuple(COLOURS)), ("shape", SHAPES)):
+        named = [v for v in vocabulary if any(w == v or w in (v + "s", v + "es") for w in words)]
+        if len(named) == 1:
+            found[attribute] = named[0]
+    return found
+
+
+def drawn_colour(image: np.ndarray) -> str | None:
+    """The palette colour of the shapes in an RGB picture [H, W, 3] (uint8), or None when nothing stands out
+    from the grey field (its colour: the median of the picture's border, which shapes never cover): the pixels
+    far from the field, matched to the nearest palette entry."""
+    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
+                             image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)]).astype(np.float32)
+    field = np.median(border, axis=0)
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    shapes = pixels[np.abs(pixels - field).max(1) > 60]
+    if len(shapes) < 0.01 * len(pixels):
+        return None
+    centre = np.median(shapes, axis=0)
+    return min(COLOURS, key=lambda c: float(np.abs(np.array(COLOURS[c]) - centre).sum()))

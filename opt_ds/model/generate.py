@@ -1,4 +1,4 @@
-"""Inference with the two decoders: greedy and beam-search captions, greedy or sampled image tokens."""
+"""Inference with the two decoders: greedy and beam-search captions, greedy or sampled (top-k, top-p) image tokens."""
 
 from __future__ import annotations
 
@@ -8,10 +8,27 @@ from opt_ds.model.fusion import Fused
 from opt_ds.model.opt import OPTModel
 
 
+def repeated_ngram_tokens(seqs: torch.Tensor, n: int) -> torch.Tensor:
+    """[S, V]-indexable mask as (rows, tokens): the tokens that would complete an n-gram already in the row."""
+    rows, tokens = [], []
+    if n > 0 and seqs.shape[1] >= n:
+        for r, seq in enumerate(seqs.tolist()):
+            prefix = tuple(seq[len(seq) - n + 1 :])
+            for i in range(len(seq) - n + 1):
+                if tuple(seq[i : i + n - 1]) == prefix:
+                    rows.append(r)
+                    tokens.append(seq[i + n - 1])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(tokens, dtype=torch.long)
+
+
 @torch.no_grad()
 def generate_text(model: OPTModel, fused: Fused, bos: int, eos: int, max_len: int | None = None,
-                  beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
-    """Captions as token ids (without BOS, with EOS where it was produced); beams=1 is greedy."""
+                  beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[list[int]]:
+    """Captions as token ids (without BOS, with EOS where it was produced); beams=1 is greedy.
+
+    Beams are ranked by log-probability / length**length_penalty; no_repeat_ngram=n forbids any n-gram twice
+    in a caption (a weak decoder otherwise repeats its most frequent word: "a picture of of of").
+    """
     max_len = min(max_len or model.cfg.text.max_len, model.cfg.text.max_len)
     memory, memory_valid = fused.tokens, fused.valid
     batch = memory.shape[0]
@@ -26,6 +43,8 @@ def generate_text(model: OPTModel, fused: Fused, bos: int, eos: int, max_len: in
     for _ in range(max_len - 1):
         logits = model.text_decoder(seqs, memory, memory_valid)[:, -1].float()
         logp = torch.log_softmax(logits, -1)
+        rows, tokens = repeated_ngram_tokens(seqs[:, 1:], no_repeat_ngram)
+        logp[rows.to(device), tokens.to(device)] = float("-inf")
         vocab = logp.shape[-1]
         # finished beams only extend with EOS at no cost
         logp[finished] = float("-inf")
@@ -49,10 +68,23 @@ def generate_text(model: OPTModel, fused: Fused, bos: int, eos: int, max_len: in
     return results
 
 
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top_k most likely tokens (0: all) and the smallest set whose probability reaches top_p."""
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # probability of the tokens ranked above
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
 @torch.no_grad()
-def generate_image_tokens(model: OPTModel, fused: Fused, temperature: float = 0.0, top_k: int | None = None,
+def generate_image_tokens(model: OPTModel, fused: Fused, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """A full grid of VQ codes [B, grid*grid]; temperature 0 is greedy, else (top-k) sampling."""
+    """A full grid of VQ codes [B, grid*grid]; temperature 0 is greedy, else sampling (with top-k / top-p)."""
     length = model.cfg.vision.grid ** 2
     batch = fused.tokens.shape[0]
     seqs = torch.full((batch, 1), model.image_bos, dtype=torch.long, device=fused.tokens.device)
@@ -61,10 +93,7 @@ def generate_image_tokens(model: OPTModel, fused: Fused, temperature: float = 0.
         if temperature <= 0:
             token = logits.argmax(-1, keepdim=True)
         else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits = filter_logits(logits / temperature, top_k, top_p)
             token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         seqs = torch.cat([seqs, token], dim=1)
     return seqs[:, 1:]

@@ -15,6 +15,7 @@ from opt_ds.tasks.base import Task, TaskContext, weighted_cross_entropy
 from opt_ds.tasks.encoding import EncoderRequest
 
 MATCHED, IMAGE_SWAPPED, AUDIO_SWAPPED, BOTH_FROM_ONE, BOTH_FROM_TWO = range(5)
+CLASS_NAMES = ("matched", "image_swapped", "audio_swapped", "both_from_one", "both_from_two")
 
 
 def swap_sources(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +29,17 @@ def swap_sources(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image_from, audio_from
 
 
+def swap(batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """-> (the batch with images and audio swapped as `labels` say, which samples count: every modality
+    present, own and swapped in)."""
+    image_from, audio_from = swap_sources(labels)
+    swapped = batch | {"image": batch["image"][image_from], "has_image": batch["has_image"][image_from],
+                       "audio": batch["audio"][audio_from], "audio_mask": batch["audio_mask"][audio_from],
+                       "has_audio": batch["has_audio"][audio_from]}
+    triplet = batch["has_text"] & batch["has_image"] & batch["has_audio"]
+    return swapped, triplet & swapped["has_image"] & swapped["has_audio"] & (labels.shape[0] > 1)
+
+
 class ModalityMatching(Task):
     name, components = "matching", ("text", "vision", "audio", "fusion", "heads")
 
@@ -36,12 +48,7 @@ class ModalityMatching(Task):
         labels = (ctx.rand(n, device=batch["image"].device) * 5).long().clamp(max=4)
         if n < 3:  # two distinct other samples need a batch of three
             labels = torch.where(labels == BOTH_FROM_TWO, torch.full_like(labels, BOTH_FROM_ONE), labels)
-        image_from, audio_from = swap_sources(labels)
-        swapped = batch | {"image": batch["image"][image_from], "has_image": batch["has_image"][image_from],
-                           "audio": batch["audio"][audio_from], "audio_mask": batch["audio_mask"][audio_from],
-                           "has_audio": batch["has_audio"][audio_from]}
-        triplet = batch["has_text"] & batch["has_image"] & batch["has_audio"]
-        weight = triplet & swapped["has_image"] & swapped["has_audio"] & (n > 1)
+        swapped, weight = swap(batch, labels)
         return EncoderRequest(swapped), {"labels": labels, "weight": weight}
 
     def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
