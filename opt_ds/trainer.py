@@ -63,7 +63,7 @@ class Trainer:
         for step in range(self.start_step, cfg.steps):
             self.engine.train()
             plan = self.step_fn.plan(step)
-            for _ in range(cfg.gradient_accumulation):
+            for micro_step in range(cfg.gradient_accumulation):
                 waited = time.perf_counter()
                 batch = next(self.batches)
                 waited = time.perf_counter() - waited
@@ -73,6 +73,8 @@ class Trainer:
                 if step == self.start_step + 1:  # gradients live and optimizer state created by the first step
                     self._record_model_state()
                 self.engine.step()
+                if micro_step == cfg.gradient_accumulation - 1 and cfg.grad_clip > 0:  # the share of updates clipped
+                    metrics["optim/clipped"] = float(float(self.engine.get_global_grad_norm() or 0.0) > cfg.grad_clip)
                 window.add_step(metrics, float(loss.detach()), plan, len(batch["keys"]), flops,
                                 modality_tokens(batch, self.model_cfg), waited)
                 self._record_keys(step, batch)

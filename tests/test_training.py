@@ -113,7 +113,9 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
                 "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/data_wait_frac", "perf/text_tokens_per_s",
                 "perf/image_tokens_per_s", "perf/audio_tokens_per_s", "memory/peak_mb", "memory/transient_mb", "data/samples_seen",
                 "schedule/stage", "eval/text->image/R@1", "eval/audio->image/R@10", "eval/text->audio/R@5",
-                "contrastive/image_hard_negative_acc", "eval/image->text/hard_negative_acc", "eval/audio->text/hard_negative_acc"]
+                "contrastive/image_hard_negative_acc", "eval/image->text/hard_negative_acc", "eval/audio->text/hard_negative_acc",
+                "eval/captions_from_image/CIDEr", "eval/captions_from_audio/WER", "eval/images_from_text/R@1",
+                "eval/zero_shot/image_acc", "eval/matching/acc", "optim/clipped", "contrastive/image_audio_loss"]
     for tag in expected:
         assert tag in tb, tag
     assert tb["perf/samples_per_s"][4] > 0 and 0 < tb["perf/mfu"][4] < 1 and tb["data/samples_seen"][4] == 2 * 4 * 4
@@ -172,6 +174,13 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
     for query in ("text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"):
         assert 0 <= report["scores"][f"eval/{query}/R@1"] <= report["scores"][f"eval/{query}/R@10"] <= 1
     assert len((out / "captions.txt").read_text().splitlines()) == 3 and (out / "images.png").stat().st_size > 0
+    assert (out / "grid.png").stat().st_size > 0
+    scores = report["scores"]
+    for key in ("captions_from_image/BLEU-4", "captions_from_image/CIDEr", "captions_from_audio/WER",
+                "captions_from_image+audio/colour_and_shape", "images_from_text/R@1", "images_from_text/real_R@1",
+                "images_from_text/colour", "zero_shot/image_acc", "zero_shot/audio_acc", "matching/both_from_two_acc"):
+        assert 0 <= scores[f"eval/{key}"] <= (float("inf") if key.endswith(("WER", "CIDEr")) else 1), key
+    assert scores["eval/images_from_text/real_colour"] == 1.0  # the synthetic pictures show their caption's colour
     table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0",
                        "--hard-negatives", "3").stdout
     assert "text->image" in table and "chance R@1" in table

@@ -128,7 +128,9 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
                                    rewrites if b == "text" else None)
         loss_ba, acc_ba = info_nce(emb[b], keys[index[a]], key_valid[index[a]], offset, rows, scale,
                                    rewrites if a == "text" else None)
-        total = total + (loss_ab + loss_ba) / 2
+        pair_loss = (loss_ab + loss_ba) / 2
+        total = total + pair_loss
+        metrics[f"{a}_{b}_loss"] = pair_loss.detach()
         metrics[f"{a}_{b}_acc"] = (acc_ab + acc_ba) / 2
     if rewrites is not None:
         metrics.update(hard_negative_accuracy(emb, has, rewrites))
