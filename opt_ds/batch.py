@@ -1,4 +1,5 @@
-"""Moving batches to the compute device (no DeepSpeed import: evaluation runs without it)."""
+"""Moving batches to the compute device and picking samples out of them (no DeepSpeed import: evaluation runs
+without it)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def take_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The samples of a collated batch where rows [B] is True (tensors and per-sample lists alike)."""
+    index = rows.nonzero().squeeze(1)
+    return {k: (v[index] if isinstance(v, torch.Tensor) else [v[i] for i in index.tolist()]) for k, v in batch.items()}

@@ -13,6 +13,8 @@
   with NVMe offload to a local folder; parameters and seconds per step.
 - loader: decode samples/s of the data loader with 0..W workers against the samples/s a real ZeRO-3 run
   consumes per rank, and the share of step time that run spent waiting for data.
+- learning: opt_ds (contrastive only, and every task) against open_clip on the same shards, steps and batch:
+  retrieval by one rule, and what opt_ds generates (opt_ds/bench_learning.py).
 - plot: benchmarks/bench.png (throughput and model state per config) from the recorded figures.
 Warm-up steps are excluded; step times are medians. `--record` appends the table, the command, the
 machine and the commit to BENCHMARKS.md, and the figures to benchmarks/records.jsonl.
@@ -342,6 +344,10 @@ def table(kind: str, report: dict) -> str:
                 "|---|---|---|---|---|---|---|\n"
                 f"| {r['config']} | {r['parameters'] / 1e6:.1f}M | {r['fwd_gflops_per_sample_max_lengths']:.2f} | "
                 f"{r['batch']} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['train_tflops']:.3f} |")
+    if kind == "learning":
+        from opt_ds.bench_learning import learning_table
+
+        return learning_table(report)
     if kind == "loader":
         r = report
         lines = ["| loader workers | loader samples/s | training consumes (samples/s per rank) | headroom |", "|---|---|---|---|"]
@@ -455,6 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--zero", type=int, default=3)
     u.add_argument("--ranks", type=int, default=2)
     u.add_argument("--batch-per-rank", type=int, default=8)
+    le = sub.add_parser("learning", help="opt_ds against open_clip: retrieval (and generation) at the same budget")
+    le.add_argument("--train", type=Path, default=None, help="training shards (default: synthetic image+text, built)")
+    le.add_argument("--eval", type=Path, default=None, help="held-out shards (default: synthetic, built)")
+    le.add_argument("--steps", type=int, default=600)
+    le.add_argument("--batch", type=int, default=32, help="global batch (opt_ds: over 2 ranks)")
+    le.add_argument("--samples", type=int, default=200, help="held-out samples scored")
+    le.add_argument("--runs", default="open_clip,contrastive,full", help="comma list of open_clip, contrastive, full")
+    le.add_argument("--image-tokenizer", default=None, help="an exported VQ-VAE for the full run (e.g. the demo's)")
+    le.add_argument("--workdir", type=Path, default=REPO_ROOT / ".cache" / "bench_learning")
+    le.add_argument("--json", action="store_true")
+    le.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
     pl = sub.add_parser("plot", help=f"draw {PLOT.relative_to(REPO_ROOT)} from {RECORDS.relative_to(REPO_ROOT)}")
     pl.add_argument("--records", type=Path, default=RECORDS)
     pl.add_argument("--out", type=Path, default=PLOT)
@@ -464,7 +481,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plot(args.records, args.out))
         return 0
-    if args.kind == "loader":
+    if args.kind == "learning":
+        from opt_ds.bench_learning import learning_report
+
+        report = learning_report(args.workdir, args.train, args.eval, args.steps, args.batch, args.samples,
+                                 args.image_tokenizer, args.runs.split(","))
+    elif args.kind == "loader":
         report = loader_report(args.config, [int(w) for w in args.workers.split(",")], args.ranks, args.batch_per_rank,
                                args.steps, args.warmup)
     elif args.kind == "memory":

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from opt_ds.batch import to_device
+from opt_ds.batch import take_rows, to_device
 from opt_ds.data.decode import IMAGE_MEAN, IMAGE_STD
 from opt_ds.data.synthetic import drawn_colour, named_attributes
 from opt_ds.evaluation import embed
@@ -48,11 +48,6 @@ class Decoding:
     seed: int = 0
 
 
-def _take(batch: dict, rows: torch.Tensor) -> dict:
-    index = rows.nonzero().squeeze(1)
-    return {k: (v[index] if isinstance(v, torch.Tensor) else [v[i] for i in index.tolist()]) for k, v in batch.items()}
-
-
 def _rows_with(batches: list[dict], modalities: tuple[str, ...], limit: int) -> list[dict]:
     """The first `limit` samples (in order) that have every one of `modalities`, as batches."""
     out, seen = [], 0
@@ -62,7 +57,7 @@ def _rows_with(batches: list[dict], modalities: tuple[str, ...], limit: int) -> 
             rows &= batch[f"has_{m}"]
         rows &= rows.cumsum(0) <= limit - seen
         if rows.any():
-            out.append(_take(batch, rows))
+            out.append(take_rows(batch, rows))
             seen += int(rows.sum())
     return out
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from opt_ds.batch import to_device
+from opt_ds.batch import take_rows, to_device
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
@@ -32,8 +32,9 @@ def eval_batches(shards: str, decode: DecodeConfig, batch_size: int, limit: int)
                          ReaderConfig(batch_size=batch_size, num_workers=0, shuffle_shards=False, shuffle_buffer=0, max_epochs=1))
     batches, seen = [], 0
     for batch in loader:
-        batches.append(batch)
-        seen += len(batch["keys"])
+        size = len(batch["keys"])
+        batches.append(batch if seen + size <= limit else take_rows(batch, torch.arange(size) < limit - seen))
+        seen += len(batches[-1]["keys"])
         if seen >= limit:
             break
     return batches

@@ -81,3 +81,21 @@ def test_plot_draws_the_recorded_figures(tmp_path):
     out = tmp_path / "bench.png"
     run_module("opt_ds.bench", "plot", "--out", str(out))  # from benchmarks/records.jsonl
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_learning_bench_scores_open_clip_and_opt_ds_by_one_rule(tmp_path, synthetic_shards):
+    """A few steps of open_clip (installed into its own folder on first use) and of opt_ds on the same shards,
+    both scored on the same held-out samples with the same chance level."""
+    report = last_json(run_module("opt_ds.bench", "learning", "--train", str(synthetic_shards), "--eval",
+                                  str(synthetic_shards), "--steps", "3", "--batch", "8", "--samples", "20",
+                                  "--runs", "open_clip,contrastive", "--workdir", str(tmp_path), "--json",
+                                  timeout=1200).stdout)
+    rows = report["rows"]
+    assert set(rows) == {"open_clip", "opt_ds contrastive"}
+    for row in rows.values():
+        assert row["samples"] == 20
+        for query in ("text->image", "image->text"):
+            assert 0 <= row[f"{query}/R@1"] <= row[f"{query}/R@5"] <= row[f"{query}/R@10"] <= 1
+    assert rows["open_clip"]["chance_R@1"] == pytest.approx(rows["opt_ds contrastive"]["text_image/chance_R@1"])
+    assert "captions_from_image/CIDEr" in rows["opt_ds contrastive"]
