@@ -118,6 +118,41 @@ def test_narratives_builder_counts_missing_files(tmp_path):
     assert not b["has_audio"][by_key["open_images_img2_3"]] and not b["has_image"][by_key["open_images_img3_5"]]
 
 
+def test_narratives_are_cut_into_utterance_windows_whose_audio_and_caption_agree(tmp_path):
+    """A 6 s narration with utterance times becomes two samples of at most 3 s: each holds the audio of its
+    window and the words spoken in it, its utterance times from the window start and its trace points; a
+    record with unusable times stays whole (counted)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "img1.jpg").write_bytes(image_bytes())
+    (tmp_path / "n.wav").write_bytes(audio_bytes("wav", seconds=6.0))
+    timed = [{"utterance": "In this image", "start_time": 0.0, "end_time": 1.5},
+             {"utterance": "we can see a box", "start_time": 1.5, "end_time": 3.0},
+             {"utterance": "which is red", "start_time": 3.2, "end_time": 4.5},
+             {"utterance": "on a table.", "start_time": 4.5, "end_time": 6.0}]
+    traces = [[{"x": 0.1, "y": 0.2, "t": 0.5}, {"x": 0.3, "y": 0.2, "t": 3.5}], [{"x": 0.5, "y": 0.5, "t": 5.0}]]
+    records = [{"image_id": "img1", "annotator_id": 1, "caption": "In this image we can see a box which is red on a table.",
+                "voice_recording": "n.wav", "timed_caption": timed, "traces": traces},
+               {"image_id": "img1", "annotator_id": 2, "caption": "a box", "voice_recording": "n.wav",
+                "timed_caption": [{"utterance": "a box"}]}]
+    jsonl = tmp_path / "ln.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = run_module("opt_ds.data.build_shards", "narratives", "--jsonl", str(jsonl), "--images", str(tmp_path / "images"),
+                      "--audio", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet", "--window-seconds", "3")
+    assert "wrote 3 samples" in proc.stdout and "bad_timed_caption: 1" in proc.stdout, proc.stdout
+    members = {}
+    with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
+        for m in tar.getmembers():
+            members[m.name] = tar.extractfile(m).read()
+    first, second = json.loads(members["ln_img1_1_w0.json"]), json.loads(members["ln_img1_1_w1.json"])
+    assert members["ln_img1_1_w0.txt"] == b"In this image we can see a box"
+    assert members["ln_img1_1_w1.txt"] == b"which is red on a table."
+    assert soundfile.info(io.BytesIO(members["ln_img1_1_w0.flac"])).duration == pytest.approx(3.0, abs=0.01)
+    assert soundfile.info(io.BytesIO(members["ln_img1_1_w1.flac"])).duration == pytest.approx(2.8, abs=0.01)
+    assert second["timed_caption"][0] == {"utterance": "which is red", "start_time": 0.0, "end_time": 1.3}
+    assert first["traces"] == [[{"x": 0.1, "y": 0.2, "t": 0.5}]] and len(second["traces"]) == 2
+    assert "ln_img1_2.wav" in members and json.loads(members["ln_img1_2.json"])["timed_caption"] == [{"utterance": "a box"}]
+
+
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
 def test_manifest_builder(tmp_path, kind):
     (tmp_path / "a.png").write_bytes(image_bytes(fmt="PNG"))

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, MODALITIES
+from opt_ds.data.narratives import cut_audio, narration_windows, utterances, window_meta
 from opt_ds.data.synthetic import synthetic_sample
 from opt_ds.data.writer import ShardSink, safe_key
 
@@ -90,7 +91,11 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def build_narratives(args: argparse.Namespace, sink: ShardSink) -> None:
-    """Localized Narratives (Open Images): image_id -> IMAGES/<image_id>.jpg, voice_recording under AUDIO."""
+    """Localized Narratives (Open Images): image_id -> IMAGES/<image_id>.jpg, voice_recording under AUDIO.
+
+    With --window-seconds S > 0 (default 10) a narration with utterance times becomes one sample per window of
+    at most S seconds (opt_ds.data.narratives), keyed <key>_w<i>; without usable times it stays whole (counted).
+    """
     images, audio = Path(args.images), Path(args.audio)
     for line_no, rec in tqdm(list(_jsonl(Path(args.jsonl))), desc="narratives", unit="sample", disable=args.quiet):
         if "image_id" not in rec:
@@ -100,7 +105,21 @@ def build_narratives(args: argparse.Namespace, sink: ShardSink) -> None:
         voice = rec.get("voice_recording")
         add_file(sample, sink, "audio", audio / voice if voice else None, args.verify)
         meta = {k: rec[k] for k in ("dataset_id", "image_id", "annotator_id") if k in rec}
-        finish_sample(sample, sink, rec.get("caption", ""), meta)
+        audio_ext = next((ext for ext in AUDIO_EXTS if ext in sample), None)
+        windows = []
+        if args.window_seconds > 0 and audio_ext is not None and "timed_caption" in rec:
+            try:
+                windows = narration_windows(utterances(rec["timed_caption"]), args.window_seconds)
+            except ValueError:
+                sink.left_out("bad_timed_caption")
+        if not windows:
+            extra = {k: rec[k] for k in ("timed_caption", "traces") if k in rec}
+            finish_sample(sample, sink, rec.get("caption", ""), meta | extra)
+            continue
+        whole = sample.pop(audio_ext)
+        for i, window in enumerate(windows):
+            part = sample | {"__key__": f"{sample['__key__']}_w{i}", "flac": cut_audio(whole, window.start, window.end)}
+            finish_sample(part, sink, window.caption, meta | window_meta(window, rec.get("traces")))
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -154,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument("--jsonl", required=True)
             p.add_argument("--images", required=True, help="directory of <image_id>.jpg")
             p.add_argument("--audio", required=True, help="directory the voice_recording paths are relative to")
+            p.add_argument("--window-seconds", type=float, default=10.0,
+                           help="cut narrations into utterance windows of at most this long (0: keep them whole)")
         else:
             p.add_argument("--file", required=True)
             p.add_argument("--prefix", default="m", help="key prefix for rows without a 'key' column")
