@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import run_module, train_ranks
 from opt_ds.checkpoint import CheckpointError, find_resume, tag_for
+from opt_ds.config import load_config
+from opt_ds.dataclass_config import ConfigError
 from opt_ds.tasks import TASKS
 
 
@@ -228,6 +230,14 @@ def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data
     names = {m: n for n, m in model.named_modules()}
     assert {names[m].split(".")[0] for m in leaves} == {"text", "vision", "audio", "fusion", "text_decoder", "image_decoder"}
     assert len(leaves) == sum(1 for m in model.modules() if type(m).__name__ in ("BertLayer", "Block"))
+
+
+def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string: a float key takes it as the number it spells."""
+    cfg = load_config(str(write_config(tmp_path / "c.yaml", data)), ["optim.lr=1e-3", "optim.eps=2E-8"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.eps == 2e-8
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got str 'fast'"):
+        load_config(str(write_config(tmp_path / "c.yaml", data)), ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize("override, message", [
