@@ -162,11 +162,28 @@ def test_one_encoder_pass_for_all_tasks_gives_each_task_its_own_loss_and_runs_ev
 def test_unpaired_batches_give_zero_loss_for_tasks_that_do_not_apply(setup):
     cfg, model, vq, batch = setup
     text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]))
-    for name in ("mvm", "mam", "matching", "text_gen", "image_gen"):
+    for name in ("mvm", "mam", "matching", "image_gen"):
         loss, _ = TASKS[name]()(model, text_only, ctx_for(vq))
         assert loss.item() == 0.0, name
-    loss, _ = TASKS["mlm"]()(model, text_only, ctx_for(vq))
-    assert loss.item() > 0
+    for name in ("mlm", "text_gen"):  # text_gen: text-to-text generation from a corrupted copy
+        loss, _ = TASKS[name]()(model, text_only, ctx_for(vq))
+        assert loss.item() > 0, name
+
+
+def test_text_only_samples_train_the_decoder_from_a_corrupted_copy_and_paired_ones_never_see_their_text(setup):
+    """Unpaired text trains generation (UNIMO's text-to-text): a text-only sample's loss reaches the text
+    encoder and the decoder; a paired sample's caption stays out of the encoder, so its loss does not depend on it."""
+    cfg, model, vq, batch = setup
+    text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]))
+    model.zero_grad(set_to_none=True)
+    loss, metrics = TASKS["text_gen"]()(model, text_only, ctx_for(vq))
+    loss.backward()
+    assert metrics["tokens"] == batch["text_mask"][:, 1:].sum()
+    for part in ("text", "text_decoder"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, part).parameters()), part
+    model.zero_grad(set_to_none=True)
+    request, _ = TASKS["text_gen"]().prepare(model, batch, ctx_for(vq))
+    assert not (request.keep["text"] & batch["has_image"]).any() and torch.equal(request.batch["text_ids"], batch["text_ids"])
 
 
 def test_isolated_stage_hides_the_other_modalities(setup):

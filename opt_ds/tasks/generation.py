@@ -1,4 +1,5 @@
-"""Modality-level tasks: regenerate the text, or the image's VQ tokens, from the other modalities.
+"""Modality-level tasks: regenerate the text, or the image's VQ tokens, from the other modalities (text-only
+samples: the text from a corrupted copy of itself).
 
 Partner masking per sample: 30% whole partner A + 15% of partner B, 30% 15% of A + whole B,
 40% 15% of both. A whole-masked modality is excluded from the cross-modal encoder's attention.
@@ -15,6 +16,7 @@ from opt_ds.tasks.encoding import EncoderRequest
 from opt_ds.tasks.token import audio_token_valid
 
 PARTNER_SPLIT = (0.3, 0.3, 0.4)
+DENOISE_RATIO = 0.3
 
 
 def partner_plan(batch_size: int, ctx: TaskContext, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +28,12 @@ def partner_plan(batch_size: int, ctx: TaskContext, device) -> tuple[torch.Tenso
 
 
 class TextGeneration(Task):
-    """Text excluded from the encoder; the text decoder regenerates it from image + audio."""
+    """Text excluded from the encoder; the text decoder regenerates it from image + audio.
+
+    A text-only sample (unpaired text) has no partner to generate from: the encoder sees it with
+    DENOISE_RATIO of its words corrupted (80/10/10 as MLM) and the decoder regenerates the original, UNIMO's
+    text-to-text generation, so text corpora train the decoder too.
+    """
 
     name, components = "text_gen", ("text", "vision", "audio", "fusion", "text_decoder")
 
@@ -35,10 +42,13 @@ class TextGeneration(Task):
         patches = batch["has_image"][:, None].expand(-1, model.cfg.vision.grid ** 2)
         patch_mask = choose_mask(patches, ctx, whole_prob=0.0) & ~whole_image[:, None]
         audio_mask = choose_mask(audio_token_valid(batch, model), ctx, whole_prob=0.0) & ~whole_audio[:, None]
-        keep = {"text": torch.zeros_like(batch["has_text"]), "image": ~whole_image, "audio": ~whole_audio}
+        text_only = batch["has_text"] & ~batch["has_image"] & ~batch["has_audio"]
+        noise = choose_mask(text_candidates(batch, ctx) & text_only[:, None], ctx, DENOISE_RATIO, whole_prob=0.0)
+        corrupted = batch | {"text_ids": bert_corrupt(batch["text_ids"], noise, ctx)}
+        keep = {"text": text_only, "image": ~whole_image, "audio": ~whole_audio}
         has_partner = (batch["has_image"] & ~whole_image) | (batch["has_audio"] & ~whole_audio)
-        request = EncoderRequest(batch, patch_mask=patch_mask, audio_token_mask=audio_mask, keep=keep)
-        return request, {"has_partner": has_partner}
+        request = EncoderRequest(corrupted, patch_mask=patch_mask, audio_token_mask=audio_mask, keep=keep)
+        return request, {"has_partner": has_partner | text_only}
 
     def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
               fused: Fused | None) -> tuple[torch.Tensor, dict]:
