@@ -38,10 +38,18 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    lr_scale: dict[str, float] = field(default_factory=dict)  # model component -> multiplier of lr (e.g. decoders)
 
     def __post_init__(self) -> None:
+        from opt_ds.model.opt import COMPONENTS
+
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        for component, scale in self.lr_scale.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"lr_scale: unknown component '{component}' (known: {', '.join(COMPONENTS)})")
+            if scale <= 0:
+                raise ValueError(f"lr_scale.{component} must be > 0, got {scale}")
 
 
 @dataclass(frozen=True)

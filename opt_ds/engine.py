@@ -45,16 +45,26 @@ def build_module(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict)
     return module, hf_handle
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings of positions/types and other 1-d parameters."""
-    decay, no_decay = [], []
+def parameter_groups(module: nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, embeddings of positions/types and other 1-d parameters;
+    each model component's learning rate is lr times its lr_scale (optim.lr_scale, e.g. faster decoders)."""
+    component_of: dict[int, str] = {}
+    components = module.component_modules() if hasattr(module, "component_modules") else {}
+    for component, modules in components.items():
+        for m in modules:
+            for p in m.parameters():
+                component_of.setdefault(id(p), component)
+    groups: dict[tuple[float, bool], dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))
         skip = ndim < 2 or name.endswith(".bias") or "norm" in name or name.endswith(("pos_embed", "cls_token", "mask_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = lr_scale.get(component_of.get(id(p), ""), 1.0)
+        group = groups.setdefault((scale, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
+                                                   "lr": lr * scale})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:
@@ -91,7 +101,8 @@ def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float
 def build_engine(cfg: ExperimentConfig, model_cfg: ModelConfig, ds_config: dict):
     """-> (engine, lr_scheduler, hf_handle); keep hf_handle alive for the run."""
     module, hf_handle = build_module(cfg, model_cfg, ds_config)
-    optimizer = build_optimizer(parameter_groups(module, cfg.optim.weight_decay), cfg.optim, ds_config)
+    groups = parameter_groups(module, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale)
+    optimizer = build_optimizer(groups, cfg.optim, ds_config)
     factor = warmup_cosine(cfg.optim, cfg.train.steps)
     hooks_before = {m: (set(m._forward_pre_hooks), set(m._forward_hooks)) for m in module.modules()}
     engine, _, _, scheduler = deepspeed.initialize(

@@ -71,3 +71,21 @@ def test_gradient_reduction_by_all_reduce_equals_deepspeeds_reduce_scatter(tmp_p
             assert [t.shape for t in ours] == [t.shape for t in theirs]
             for a, b in zip(ours, theirs):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_parameter_groups_scale_each_components_learning_rate():
+    """optim.lr_scale: the decoders' parameters get lr x scale, every other parameter lr; no parameter is in two
+    groups or none; biases and norms never decay."""
+    from opt_ds.engine import parameter_groups
+    from opt_ds.model.config import load_model_config
+    from opt_ds.model.opt import OPTModel
+
+    model = OPTModel(load_model_config("tiny"))
+    groups = parameter_groups(model, 0.05, 1e-3, {"text_decoder": 3.0, "image_decoder": 2.0})
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(lr_of) == len(list(model.parameters()))
+    for part, lr in (("text_decoder", 3e-3), ("image_decoder", 2e-3), ("fusion", 1e-3), ("text", 1e-3)):
+        assert sorted({lr_of[id(p)] for p in getattr(model, part).parameters()}) == [pytest.approx(lr)], part
+    decays = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert all(decays[id(p)] == 0.0 for n, p in model.named_parameters() if n.endswith(".bias") or "norm" in n)
+    assert {g["lr"] for g in parameter_groups(model, 0.05, 1e-3, {})} == {1e-3}

@@ -251,6 +251,7 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
     ("data.decode.hard_negatives_per_sample=-1", "data.decode: hard_negatives_per_sample must be >= 0, got -1"),
     ("train.steps=3", "image_tokenizer: the schedule runs image_gen and mvm, which predict the codes of a trained VQ-VAE"),
     ("image_tokenizer=/nowhere/vq.safetensors", "image_tokenizer: /nowhere/vq.safetensors not found"),
+    ("optim.lr_scale={decoder: 2}", "lr_scale: unknown component 'decoder' (known: text, vision"),
 ])
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
     config = write_config(tmp_path / "c.yaml", data)
