@@ -18,7 +18,7 @@ import torch
 from opt_ds.data import build_shards
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-from opt_ds.evaluation import eval_batches, retrieval
+from opt_ds.evaluation import embed_eval_set, eval_batches, retrieval
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.plain_loop import train_plain
@@ -43,7 +43,8 @@ def train(work: Path, paraphrases: int, hard_negatives: int, steps: int, start: 
 
 def scores(model: OPTModel, work: Path) -> dict[str, float]:
     batches = eval_batches(str(work / "eval"), DecodeConfig(**DECODE, hard_negatives_per_sample=3), 50, 300)
-    return retrieval(model, batches, torch.device("cpu"), torch.float32)
+    emb, has, hard_negatives = embed_eval_set(model, batches, torch.device("cpu"), torch.float32)
+    return hard_negatives | retrieval(emb, has, [c for b in batches for c in b["captions"]])
 
 
 def main() -> None:

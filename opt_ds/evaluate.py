@@ -31,7 +31,7 @@ from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.shards import ShardSpecError
 from opt_ds.data.tokenizer import load_tokenizer
 from opt_ds.eval_generation import Decoding, caption_evaluation, image_generation_evaluation, write_grid
-from opt_ds.evaluation import RECALL_AT, eval_batches, matching, retrieval, zero_shot
+from opt_ds.evaluation import RECALL_AT, embed_eval_set, eval_batches, matching, retrieval, zero_shot
 from opt_ds.export import load_bundle
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.contrastive import PAIRS
@@ -42,7 +42,9 @@ def evaluate_model(call: Callable, batches: list[dict], device: torch.device, dt
                    decoding: Decoding) -> tuple[dict[str, float], dict[str, list[str]], torch.Tensor, torch.Tensor]:
     """Every score of the evaluation; -> (scores, generated captions per source with the references, real and
     generated pictures). Used by the trainer (TensorBoard) and by this command."""
-    scores = retrieval(call, batches, device, dtype) | zero_shot(call, batches, device, dtype, decode)
+    emb, has, scores = embed_eval_set(call, batches, device, dtype)
+    scores |= retrieval(emb, has, [c for b in batches for c in b["captions"]])
+    scores |= zero_shot(call, emb, has, [n for b in batches for n in b["labels"]], device, dtype, decode)
     scores |= matching(call, batches, device, dtype)
     texts: dict[str, list[str]] = {}
     real = generated = torch.empty(0)

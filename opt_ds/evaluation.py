@@ -50,9 +50,10 @@ def embed(call: Callable, batch: dict, device: torch.device,
 
 
 @torch.no_grad()
-def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Recall@K in both directions for each modality pair, over the samples that have both; duplicate captions
-    count as correct and ties with a wrong candidate as misses (opt_ds.scoring), chance under the same rule."""
+def embed_eval_set(call: Callable, batches: list[dict], device: torch.device,
+                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """-> (every sample's embedding [N, C] and presence [N] per modality, the caption-above-its-hard-negatives
+    accuracy per modality when the batches carry caption rewrites), in one pass over the held-out set."""
     embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITY_ORDER}
     present: dict[str, list[torch.Tensor]] = {m: [] for m in embeddings}
     hard_negative_wins: dict[str, list[torch.Tensor]] = {}
@@ -65,14 +66,19 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
             for m, (wins, rows) in beats_hard_negatives(emb, {m: batch[f"has_{m}"].to(device) for m in MODALITY_ORDER},
                                                          rewrites).items():
                 hard_negative_wins.setdefault(m, []).append(wins[rows].cpu())
-    emb = {m: torch.cat(v) for m, v in embeddings.items()}
-    has = {m: torch.cat(v) for m, v in present.items()}
-    out: dict[str, float] = {}
+    hard_negatives = {}
     for m, parts in hard_negative_wins.items():  # caption above all of its hard negatives (UNIMO rewrites)
         wins = torch.cat(parts)
         if wins.numel():
-            out[f"eval/{m}->text/hard_negative_acc"] = float(wins.float().mean())
-    captions = [c for batch in batches for c in batch["captions"]]
+            hard_negatives[f"eval/{m}->text/hard_negative_acc"] = float(wins.float().mean())
+    return ({m: torch.cat(v) for m, v in embeddings.items()}, {m: torch.cat(v) for m, v in present.items()},
+            hard_negatives)
+
+
+def retrieval(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], captions: list[str]) -> dict[str, float]:
+    """Recall@K in both directions for each modality pair, over the samples that have both; duplicate captions
+    count as correct and ties with a wrong candidate as misses (opt_ds.scoring), chance under the same rule."""
+    out: dict[str, float] = {}
     for a, b in PAIRS:
         rows = has[a] & has[b]
         n = int(rows.sum())
@@ -91,25 +97,25 @@ def retrieval(call: Callable, batches: list[dict], device: torch.device, dtype: 
 
 
 @torch.no_grad()
-def zero_shot(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype,
-              decode: DecodeConfig) -> dict[str, float]:
+def zero_shot(call: Callable, emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], labels: list[str],
+              device: torch.device, dtype: torch.dtype, decode: DecodeConfig) -> dict[str, float]:
     """Zero-shot classification where samples name their class (KEY.json `label_name`, or a text `label`):
     each image (audio clip) takes the class whose name, through the text encoder, scores highest. Chance is
     1 / the number of classes."""
-    names = sorted({n for b in batches for n in b["labels"] if n})
+    names = sorted({n for n in labels if n})
     if len(names) < 2:
         return {}
     text = SampleDecoder(decode).text
     classes = collate([{"key": str(i), "caption": n, "text_ids": text(n)} for i, n in enumerate(names)], decode)
     class_emb = embed(call, classes, device, dtype)[0]["text"].float().cpu()
-    hits: dict[str, list[bool]] = {m: [] for m in MODALITY_ORDER if m != "text"}
-    for batch in batches:
-        emb = embed(call, batch, device, dtype)[0]
-        for m, wins in hits.items():
-            guesses = (emb[m].float().cpu() @ class_emb.t()).argmax(1).tolist()
-            wins += [names[g] == n for g, n, has in zip(guesses, batch["labels"], batch[f"has_{m}"].tolist()) if n and has]
+    truth = torch.tensor([names.index(n) if n else -1 for n in labels])
     out = {"eval/zero_shot/classes": float(len(names)), "eval/zero_shot/chance": 1.0 / len(names)}
-    return out | {f"eval/zero_shot/{m}_acc": sum(w) / len(w) for m, w in hits.items() if w}
+    for m in (m for m in MODALITY_ORDER if m != "text"):
+        rows = has[m] & (truth >= 0)
+        if rows.any():
+            guesses = (emb[m][rows] @ class_emb.t()).argmax(1)
+            out[f"eval/zero_shot/{m}_acc"] = float((guesses == truth[rows]).float().mean())
+    return out
 
 
 @torch.no_grad()
