@@ -154,7 +154,8 @@ def image_generation_evaluation(call: Callable, batches: list[dict], device: tor
     """Images from text + audio for the first `limit` samples with a caption and an image; -> (scores, real
     pictures, generated pictures). R@1/R@5: the generated picture retrieves its caption among these samples'
     captions by the model's own contrastive encoders (duplicate captions count, ties miss), beside the real
-    picture's; colour (synthetic): the picture shows the colour its caption names, beside the real picture's."""
+    picture's; colour (synthetic): the picture shows the colour its caption names, beside the real picture's and
+    the image tokenizer's reconstruction of it (the ceiling the tokenizer sets)."""
     chosen = _rows_with(batches, ("text", "image"), limit)
     if not chosen:
         return {}, torch.empty(0), torch.empty(0)
@@ -180,7 +181,10 @@ def image_generation_evaluation(call: Callable, batches: list[dict], device: tor
         prefix = "eval/images_from_text/" + ("" if kind == "generated" else "real_")
         for k, recall in recall_at(torch.cat(parts) @ text_emb.t(), correct, (1, 5)).items():
             scores[f"{prefix}R@{k}"] = recall
-    for kind, pictures in (("colour", generated), ("real_colour", real)):
+    tokenizer_device = next(image_tokenizer.parameters()).device
+    reconstructed = torch.cat([denormalise(image_tokenizer.decode(image_tokenizer.encode(b["image"].to(tokenizer_device))))
+                               .cpu() for b in chosen])  # the best the image tokenizer lets a generator draw
+    for kind, pictures in (("colour", generated), ("real_colour", real), ("tokenizer_colour", reconstructed)):
         hits = [drawn_colour(p) == named_attributes(c).get("colour") for p, c in zip(to_uint8(pictures), captions)
                 if "colour" in named_attributes(c)]
         if hits:

@@ -183,6 +183,7 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
                 "images_from_text/colour", "zero_shot/image_acc", "zero_shot/audio_acc", "matching/both_from_two_acc"):
         assert 0 <= scores[f"eval/{key}"] <= (float("inf") if key.endswith(("WER", "CIDEr")) else 1), key
     assert scores["eval/images_from_text/real_colour"] == 1.0  # the synthetic pictures show their caption's colour
+    assert 0 <= scores["eval/images_from_text/tokenizer_colour"] <= 1
     table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0",
                        "--hard-negatives", "3").stdout
     assert "text->image" in table and "chance R@1" in table
