@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import soundfile
 import torch
@@ -18,6 +19,7 @@ from torchvision.transforms import v2 as T
 from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, caption_rewrites, class_name, first_present
 from opt_ds.data.tokenizer import load_tokenizer
 
+Parsed = TypeVar("Parsed")
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -106,10 +108,10 @@ class SampleDecoder:
         limits = self.cfg.rewrite_limits
         if not any(limits.values()):
             return []
-        try:
-            rewrites = caption_rewrites(raw)
-        except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            return [("bad_rewrites", f"{type(exc).__name__}: {exc}")]
+        problems: list[tuple[str, str]] = []
+        rewrites = parse_or_count(caption_rewrites, raw, "bad_rewrites", problems)
+        if rewrites is None:
+            return problems
         for field, limit in limits.items():
             if rewrites[field][:limit]:
                 out[f"{field}_ids"] = [self.text(t) for t in rewrites[field][:limit]]
@@ -138,11 +140,7 @@ class SampleDecoder:
             except Exception as exc:  # libsndfile errors, empty or truncated streams
                 problems.append(("bad_audio", f"{type(exc).__name__}: {exc}"))
 
-        try:
-            caption = caption_bytes(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            caption = None
-            problems.append(("bad_text", f"{type(exc).__name__}: {exc}"))
+        caption = parse_or_count(caption_bytes, raw, "bad_text", problems)
         if caption is not None:
             caption = " ".join(caption.split())
             if caption:
@@ -152,11 +150,7 @@ class SampleDecoder:
             else:
                 problems.append(("empty_caption", ""))
 
-        try:
-            label = class_name(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            label = None
-            problems.append(("bad_json", f"{type(exc).__name__}: {exc}"))
+        label = parse_or_count(class_name, raw, "bad_json", problems)
         if label is not None:
             out["label"] = label
 
@@ -164,6 +158,17 @@ class SampleDecoder:
             problems.append(("no_usable_modality", ",".join(sorted(k for k in raw if not k.startswith("__")))))
             return None, problems
         return out, problems
+
+
+def parse_or_count(parse: Callable[[dict], Parsed], raw: dict, reason: str,
+                   problems: list[tuple[str, str]]) -> Parsed | None:
+    """parse(raw), or None with (reason, the error) counted when the sample's text or JSON does not parse
+    (json.JSONDecodeError is a ValueError)."""
+    try:
+        return parse(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        problems.append((reason, f"{type(exc).__name__}: {exc}"))
+        return None
 
 
 class OversizeError(ValueError):
