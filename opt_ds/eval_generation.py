@@ -48,18 +48,17 @@ class Decoding:
     seed: int = 0
 
 
+def first_rows(has: dict[str, torch.Tensor], modalities: tuple[str, ...], limit: int) -> torch.Tensor:
+    """[N] True for the first `limit` samples of the eval set that have every one of `modalities`."""
+    rows = torch.stack([has[m] for m in modalities]).all(0)
+    return rows & (rows.cumsum(0) <= limit)
+
+
 def _rows_with(batches: list[dict], modalities: tuple[str, ...], limit: int) -> list[dict]:
-    """The first `limit` samples (in order) that have every one of `modalities`, as batches."""
-    out, seen = [], 0
-    for batch in batches:
-        rows = torch.ones(len(batch["keys"]), dtype=torch.bool)
-        for m in modalities:
-            rows &= batch[f"has_{m}"]
-        rows &= rows.cumsum(0) <= limit - seen
-        if rows.any():
-            out.append(take_rows(batch, rows))
-            seen += int(rows.sum())
-    return out
+    """Those first_rows samples, as batches."""
+    has = {m: torch.cat([b[f"has_{m}"] for b in batches]) for m in modalities}
+    parts = first_rows(has, modalities, limit).split([len(b["keys"]) for b in batches])
+    return [take_rows(b, rows) for b, rows in zip(batches, parts) if rows.any()]
 
 
 @torch.no_grad()
@@ -95,15 +94,17 @@ def images_from_text(call: Callable, batch: dict, device: torch.device, dtype: t
     return denormalise(image_tokenizer.decode(codes.to(next(image_tokenizer.parameters()).device)))
 
 
+def _image_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGE_MEAN, device=device)[:, None, None], torch.tensor(IMAGE_STD, device=device)[:, None, None])
+
+
 def denormalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGE_MEAN, device=images.device)[:, None, None]
-    std = torch.tensor(IMAGE_STD, device=images.device)[:, None, None]
+    mean, std = _image_stats(images.device)
     return (images.float() * std + mean).clamp(0, 1)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGE_MEAN, device=images.device)[:, None, None]
-    std = torch.tensor(IMAGE_STD, device=images.device)[:, None, None]
+    mean, std = _image_stats(images.device)
     return (images - mean) / std
 
 
@@ -148,39 +149,35 @@ def caption_evaluation(call: Callable, batches: list[dict], device: torch.device
 
 
 @torch.no_grad()
-def image_generation_evaluation(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype,
+def image_generation_evaluation(call: Callable, batches: list[dict], emb: dict[str, torch.Tensor],
+                                has: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
                                 image_tokenizer: VQVAE, limit: int,
                                 decoding: Decoding) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Images from text + audio for the first `limit` samples with a caption and an image; -> (scores, real
     pictures, generated pictures). R@1/R@5: the generated picture retrieves its caption among these samples'
     captions by the model's own contrastive encoders (duplicate captions count, ties miss), beside the real
-    picture's; colour (synthetic): the picture shows the colour its caption names, beside the real picture's and
-    the image tokenizer's reconstruction of it (the ceiling the tokenizer sets)."""
+    picture's (emb, has: the eval set's embeddings, opt_ds.evaluation.embed_eval_set); colour (synthetic): the
+    picture shows the colour its caption names, beside the real picture's and the image tokenizer's
+    reconstruction of it (the ceiling the tokenizer sets)."""
     chosen = _rows_with(batches, ("text", "image"), limit)
     if not chosen:
         return {}, torch.empty(0), torch.empty(0)
     generated = torch.cat([images_from_text(call, b, device, dtype, image_tokenizer, decoding).cpu() for b in chosen])
     real = torch.cat([denormalise(b["image"]) for b in chosen])
     captions = [c for b in chosen for c in b["captions"]]
-    embeddings = {"real": [], "generated": []}
-    text = []
-    start = 0
+    generated_emb, start = [], 0
     for b in chosen:
         size = len(b["keys"])
         pictures = F.interpolate(generated[start : start + size], size=b["image"].shape[-2:], mode="bilinear")
+        generated_emb.append(embed(call, b | {"image": normalise(pictures)}, device, dtype)[0]["image"].float().cpu())
         start += size
-        for kind, images in (("real", b["image"]), ("generated", normalise(pictures))):
-            emb, _ = embed(call, b | {"image": images}, device, dtype)
-            embeddings[kind].append(emb["image"].float().cpu())
-            if kind == "real":
-                text.append(emb["text"].float().cpu())
-    text_emb = torch.cat(text)
+    rows = first_rows(has, ("text", "image"), limit)
+    text_emb = emb["text"][rows]
     correct = same_caption(captions)
     scores: dict[str, float] = {"eval/images_from_text/samples": float(len(captions))}
-    for kind, parts in embeddings.items():
-        prefix = "eval/images_from_text/" + ("" if kind == "generated" else "real_")
-        for k, recall in recall_at(torch.cat(parts) @ text_emb.t(), correct, (1, 5)).items():
-            scores[f"{prefix}R@{k}"] = recall
+    for prefix, image_emb in (("", torch.cat(generated_emb)), ("real_", emb["image"][rows])):
+        for k, recall in recall_at(image_emb @ text_emb.t(), correct, (1, 5)).items():
+            scores[f"eval/images_from_text/{prefix}R@{k}"] = recall
     tokenizer_device = next(image_tokenizer.parameters()).device
     reconstructed = torch.cat([denormalise(image_tokenizer.decode(image_tokenizer.encode(b["image"].to(tokenizer_device))))
                                .cpu() for b in chosen])  # the best the image tokenizer lets a generator draw

@@ -53,8 +53,8 @@ def evaluate_model(call: Callable, batches: list[dict], device: torch.device, dt
                                                    decode.max_text_tokens)
         scores |= caption_scores
         if image_tokenizer is not None:
-            image_scores, real, generated = image_generation_evaluation(call, batches, device, dtype, image_tokenizer,
-                                                                        generate, decoding)
+            image_scores, real, generated = image_generation_evaluation(call, batches, emb, has, device, dtype,
+                                                                        image_tokenizer, generate, decoding)
             scores |= image_scores
     return scores, texts, real, generated
 
