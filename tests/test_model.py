@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -151,42 +152,39 @@ def test_caption_generation_shapes_and_eos(tiny, beams):
         assert 102 not in c[:-1]  # nothing after EOS
 
 
-def test_generation_stops_at_eos(tiny):
-    """A hook makes EOS the best token from the third generated position on: captions end right there."""
-    cfg, model = tiny
-
-    def eos_from_third(_module, _inputs, logits):
-        if logits.shape[1] >= 3:
-            logits[:, -1, 102] += 1000.0
+@contextlib.contextmanager
+def favoured_word(model, token: int, from_position: int = 1):
+    """The text decoder's logits give `token` +1000 from the `from_position`-th generated position on."""
+    def favour(_module, _inputs, logits):
+        if logits.shape[1] >= from_position:
+            logits[:, -1, token] += 1000.0
         return logits
 
-    handle = model.text_decoder.head.register_forward_hook(eos_from_third)
+    handle = model.text_decoder.head.register_forward_hook(favour)
     try:
         with torch.no_grad():
-            _, fused = model.encode(fake_batch(cfg))
-            for beams in (1, 4):
-                captions = generate_text(model, fused, bos=101, eos=102, max_len=20, beams=beams)
-                assert [len(c) for c in captions] == [3, 3, 3] and all(c[-1] == 102 for c in captions)
+            yield
     finally:
         handle.remove()
+
+
+def test_generation_stops_at_eos(tiny):
+    """EOS made the best token from the third generated position on: captions end right there."""
+    cfg, model = tiny
+    with favoured_word(model, 102, from_position=3):
+        _, fused = model.encode(fake_batch(cfg))
+        for beams in (1, 4):
+            captions = generate_text(model, fused, bos=101, eos=102, max_len=20, beams=beams)
+            assert [len(c) for c in captions] == [3, 3, 3] and all(c[-1] == 102 for c in captions)
 
 
 def test_no_repeat_ngram_forbids_a_bigram_twice(tiny):
-    """A hook makes token 2000 always the best: greedy repeats it; with no_repeat_ngram=2 no bigram comes twice."""
+    """Token 2000 made always the best: greedy repeats it; with no_repeat_ngram=2 no bigram comes twice."""
     cfg, model = tiny
-
-    def favour_one_word(_module, _inputs, logits):
-        logits[:, -1, 2000] += 1000.0
-        return logits
-
-    handle = model.text_decoder.head.register_forward_hook(favour_one_word)
-    try:
-        with torch.no_grad():
-            _, fused = model.encode(fake_batch(cfg))
-            repeated = generate_text(model, fused, bos=101, eos=102, max_len=8, beams=2)
-            controlled = generate_text(model, fused, bos=101, eos=102, max_len=8, beams=2, no_repeat_ngram=2)
-    finally:
-        handle.remove()
+    with favoured_word(model, 2000):
+        _, fused = model.encode(fake_batch(cfg))
+        repeated = generate_text(model, fused, bos=101, eos=102, max_len=8, beams=2)
+        controlled = generate_text(model, fused, bos=101, eos=102, max_len=8, beams=2, no_repeat_ngram=2)
     assert all(c == [2000] * 7 for c in repeated)
     for c in controlled:
         bigrams = list(zip(c, c[1:]))
