@@ -87,6 +87,11 @@ class ExperimentConfig:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got '{self.stage}'")
 
+    @property
+    def trained_image_tokenizer(self) -> str | None:
+        """The exported VQ-VAE's path; None without one or for 'random' (whose codes mean nothing to score)."""
+        return None if self.image_tokenizer in (None, RANDOM_IMAGE_TOKENIZER) else self.image_tokenizer
+
 
 def _set_dotted(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")

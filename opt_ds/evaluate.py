@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 from torchvision.utils import save_image
 
-from opt_ds.config import RANDOM_IMAGE_TOKENIZER
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.shards import ShardSpecError
 from opt_ds.data.tokenizer import load_tokenizer
@@ -68,10 +67,9 @@ def evaluate(weights: str, shards: str, samples: int, out_dir: Path | None, gene
     bundle.to(device)
     decode = replace(cfg.data.decode, paraphrases_per_sample=0, hard_negatives_per_sample=hard_negatives)
     batches = eval_batches(shards, decode, 32, samples)
-    trained_tokenizer = cfg.image_tokenizer not in (None, RANDOM_IMAGE_TOKENIZER)
     scores, texts, real, generated = evaluate_model(
         bundle.model, batches, device, torch.float32, load_tokenizer(cfg.data.decode.tokenizer),
-        bundle.image_tokenizer if trained_tokenizer else None, decode, generate, decoding)
+        bundle.image_tokenizer if cfg.trained_image_tokenizer else None, decode, generate, decoding)
     report = {"weights": str(weights), "samples": sum(len(b["keys"]) for b in batches), "scores": scores}
     if out_dir is not None and texts:
         out_dir.mkdir(parents=True, exist_ok=True)

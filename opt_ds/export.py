@@ -20,7 +20,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from opt_ds import checkpoint
-from opt_ds.config import RANDOM_IMAGE_TOKENIZER, ExperimentConfig
+from opt_ds.config import ExperimentConfig
 from opt_ds.dataclass_config import from_dict, to_dict
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
@@ -62,8 +62,8 @@ def export(checkpoint_path: str, out: str) -> Path:
         raise checkpoint.CheckpointError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if cfg.stage == "vqvae":
         restore_vq_buffers(bundle.image_tokenizer, path)
-    elif cfg.image_tokenizer not in (None, RANDOM_IMAGE_TOKENIZER):
-        load_bundle_part(bundle.image_tokenizer, cfg.image_tokenizer, "image_tokenizer.")
+    elif cfg.trained_image_tokenizer:
+        load_bundle_part(bundle.image_tokenizer, cfg.trained_image_tokenizer, "image_tokenizer.")
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(to_dict(cfg))

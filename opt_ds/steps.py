@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from opt_ds.batch import to_device
-from opt_ds.config import RANDOM_IMAGE_TOKENIZER
+from opt_ds.config import RANDOM_IMAGE_TOKENIZER, ExperimentConfig
 from opt_ds.dataclass_config import ConfigError
 from opt_ds.metrics import step_flops
 from opt_ds.model.config import ModelConfig
@@ -31,14 +31,14 @@ def load_image_tokenizer(path: str, model_cfg: ModelConfig, device: torch.device
     return tokenizer.to(device).eval().requires_grad_(False)
 
 
-def check_image_tokenizer(path: str | None, scheduler: TaskScheduler) -> None:
+def check_image_tokenizer(cfg: ExperimentConfig, scheduler: TaskScheduler) -> None:
     """MVM and image generation learn the codes of the image tokenizer: without a trained one they learn noise."""
-    if path is None and needs_image_tokenizer(scheduler):
+    if cfg.image_tokenizer is None and needs_image_tokenizer(scheduler):
         raise ConfigError(f"image_tokenizer: the schedule runs {' and '.join(sorted(NEEDS_IMAGE_TOKENIZER))}, which "
                           "predict the codes of a trained VQ-VAE: train one (stage: vqvae), export it and give the "
                           f"file, or '{RANDOM_IMAGE_TOKENIZER}' for speed tests only")
-    if path not in (None, RANDOM_IMAGE_TOKENIZER) and not Path(path).is_file():
-        raise ConfigError(f"image_tokenizer: {path} not found (an export of a stage: vqvae run)")
+    if cfg.trained_image_tokenizer and not Path(cfg.trained_image_tokenizer).is_file():
+        raise ConfigError(f"image_tokenizer: {cfg.trained_image_tokenizer} not found (an export of a stage: vqvae run)")
 
 
 class PretrainStep:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = load_deepspeed_config(cfg, parameter_count(model_cfg)["total"])
         loader_check = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader)  # shard specs checked
         if cfg.stage == "pretrain":
-            check_image_tokenizer(cfg.image_tokenizer, scheduler)
+            check_image_tokenizer(cfg, scheduler)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"opt_ds.train: config error: {exc}", file=sys.stderr)
         return 2

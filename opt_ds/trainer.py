@@ -131,9 +131,10 @@ class Trainer:
         data = self.cfg.data
         if self.eval_set is None:
             self.eval_set = eval_batches(data.eval_shards, data.decode, data.reader.batch_size, data.eval_samples)
+        scored_tokenizer = self.image_tokenizer if self.cfg.trained_image_tokenizer else None
         self.engine.eval()
         scores, texts, real, generated = evaluate_model(self.engine, self.eval_set, self.device, self.dtype,
-                                                        self.tokenizer, self.image_tokenizer, data.decode,
+                                                        self.tokenizer, scored_tokenizer, data.decode,
                                                         data.eval_generate, Decoding())
         self.engine.train()
         self.reporter.scalars(step, scores, group="eval")
