@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from conftest import join_gloo_group, spawn_gloo_ranks
 from opt_ds.data.decode import DecodeConfig
@@ -263,6 +264,26 @@ def test_rewrites_are_extra_positives_and_negatives_and_absent_ones_change_nothi
     loss, metrics = contrastive_loss(emb, has, scale, extra)
     assert loss.item() != pytest.approx(plain.item(), abs=1e-3)
     assert 0 <= metrics["image_hard_negative_acc"] <= 1 and "audio_hard_negative_acc" in metrics
+
+
+def test_text_embedding_is_the_mean_of_a_captions_real_tokens_and_a_rewrite_like_it_embeds_like_it(setup):
+    """The contrastive text embedding pools the mean of the real tokens (BENCHMARKS.md, "the text pooling"), not
+    [CLS]; a rewrite with the caption's words, padded longer and encoded in the same call, embeds identically."""
+    from opt_ds.tasks.contrastive import contrastive_embeddings, contrastive_request
+    from opt_ds.tasks.encoding import encode_requests
+
+    _, model, _, batch = setup
+    pad = 5
+    batch = batch | {"rewrite_ids": F.pad(batch["text_ids"], (0, pad))[:, None], "rewrite_mask": F.pad(batch["text_mask"], (0, pad))[:, None],
+                     "has_rewrite": batch["has_text"][:, None], "rewrite_positive": torch.ones_like(batch["has_text"])[:, None]}
+    with torch.no_grad():
+        emb, _, rewrites = contrastive_embeddings(model, batch, encode_requests(model, [contrastive_request(batch)])[0][0])
+        tokens, valid = model.text(batch["text_ids"], batch["text_mask"]), batch["text_mask"][..., None].float()
+        by_hand = F.normalize(model.contrastive_head.proj["text"]((tokens * valid).sum(1) / valid.sum(1)), dim=-1)
+    rows = batch["has_text"]
+    assert rows.any()
+    assert torch.allclose(emb["text"][rows], by_hand[rows], atol=1e-5)
+    assert torch.allclose(rewrites.emb[rows, 0], emb["text"][rows], atol=1e-5)
 
 
 def test_matching_swaps():

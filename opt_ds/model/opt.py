@@ -12,7 +12,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, ModelConfig
 from opt_ds.model.decoders import TokenDecoder
-from opt_ds.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
+from opt_ds.model.encoders import AudioEncoder, TextEncoder, VisionEncoder, mean_pool
 from opt_ds.model.fusion import CrossModalEncoder, Fused, spans
 from opt_ds.model.heads import ContrastiveHead, LinearHead, MatchingHead, MLMHead
 from opt_ds.model.layers import Block
@@ -26,14 +26,16 @@ LAYER_CLASSES: tuple[type[nn.Module], ...] = (BertLayer, VitBlock, Block)
 @dataclass
 class Unimodal:
     text: torch.Tensor  # [B, L, Dt]; [:, 0] is [CLS]
-    text_valid: torch.Tensor
+    text_valid: torch.Tensor  # [B, L]
     image: torch.Tensor  # [B, 1+N, Dv]; [:, 0] is CLS
     audio: torch.Tensor  # [B, 1+T', Da]; [:, 0] is CLS
     audio_valid: torch.Tensor
     extra_text: torch.Tensor | None = None  # [E, L', Dt]: text-only rows a task asked for (caption rewrites)
+    extra_text_valid: torch.Tensor | None = None  # [E, L']
 
     def pooled(self) -> dict[str, torch.Tensor]:
-        return {"text": self.text[:, 0], "image": self.image[:, 0], "audio": self.audio[:, 0]}
+        """One vector per modality: the text's mean token (see mean_pool), the image's and audio's CLS."""
+        return {"text": mean_pool(self.text, self.text_valid), "image": self.image[:, 0], "audio": self.audio[:, 0]}
 
     def rows(self, rows: slice) -> "Unimodal":
         return Unimodal(self.text[rows], self.text_valid[rows], self.image[rows], self.audio[rows], self.audio_valid[rows])

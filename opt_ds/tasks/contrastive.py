@@ -1,7 +1,8 @@
 """UNIMO cross-modal contrastive learning: symmetric InfoNCE for every modality pair present.
 
-Embeddings are the uni-modal encoders' CLS outputs, projected and normalised; negatives come from the
-whole global batch (gathered from all ranks with gradients), with a learnable, clamped temperature.
+Embeddings are the uni-modal encoders' pooled outputs (the text's mean token, the image's and audio's CLS),
+projected and normalised; negatives come from the whole global batch (gathered from all ranks with gradients),
+with a learnable, clamped temperature.
 Optionally each caption brings rewrites (UNIMO's text rewriting): paraphrases as more positives and hard
 negatives as more negatives of its own sample's image and audio.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from opt_ds.model.encoders import mean_pool
 from opt_ds.model.fusion import MODALITY_ORDER, Fused
 from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.tasks.base import Task, TaskContext
@@ -99,7 +101,7 @@ def contrastive_embeddings(model: OPTModel, batch: dict,
     """-> (normalised embedding per modality [B,C], logit scale, the rewrites' embeddings) from one head call."""
     pooled = uni.pooled()
     if uni.extra_text is not None:
-        pooled["text"] = torch.cat([pooled["text"], uni.extra_text[:, 0]])
+        pooled["text"] = torch.cat([pooled["text"], mean_pool(uni.extra_text, uni.extra_text_valid)])
     emb, scale = model.contrastive_head(pooled)
     if uni.extra_text is None:
         return emb, scale, None

@@ -54,7 +54,7 @@ def encode_requests(model: OPTModel, requests: list[EncoderRequest]) -> list[tup
             joint[key] = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in [joint[key], *(e[part] for e in extras)]])
     uni = model.unimodal(joint, patch_mask=_joint_mask([r.patch_mask for r in ordered]),
                          audio_token_mask=_joint_mask([r.audio_token_mask for r in ordered]))
-    extra_text = uni.text[rows:]
+    extra_text, extra_text_valid = uni.text[rows:], uni.text_valid[rows:]
     uni = replace(uni, text=uni.text[:rows, :length], text_valid=uni.text_valid[:rows, :length])
     sizes = [r.batch["text_ids"].shape[0] for r in ordered]
     fused_rows = sum(size for r, size in zip(ordered, sizes) if r.fuse)
@@ -70,7 +70,8 @@ def encode_requests(model: OPTModel, requests: list[EncoderRequest]) -> list[tup
         own = uni.rows(slice(start, start + size))
         if request.extra_text is not None:
             extra_rows = request.extra_text[0].shape[0]
-            own = replace(own, extra_text=extra_text[extra_start : extra_start + extra_rows])
+            extra = slice(extra_start, extra_start + extra_rows)
+            own = replace(own, extra_text=extra_text[extra], extra_text_valid=extra_text_valid[extra])
             extra_start += extra_rows
         results[index] = (own, fused.rows(slice(start, start + size)) if request.fuse else None)
         start += size
