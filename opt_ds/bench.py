@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     le.add_argument("--batch", type=int, default=32, help="global batch (opt_ds: over 2 ranks)")
     le.add_argument("--samples", type=int, default=200, help="held-out samples scored")
     le.add_argument("--runs", default="open_clip,contrastive,full", help="comma list of open_clip, contrastive, full")
+    le.add_argument("--seeds", default="0", help="comma list: each run once per seed (weights, data order)")
     le.add_argument("--image-tokenizer", default=None, help="an exported VQ-VAE for the full run (e.g. the demo's)")
     le.add_argument("--workdir", type=Path, default=REPO_ROOT / ".cache" / "bench_learning")
     le.add_argument("--json", action="store_true")
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         from opt_ds.bench_learning import learning_report
 
         report = learning_report(args.workdir, args.train, args.eval, args.steps, args.batch, args.samples,
-                                 args.image_tokenizer, args.runs.split(","))
+                                 args.image_tokenizer, args.runs.split(","), [int(s) for s in args.seeds.split(",")])
     elif args.kind == "loader":
         report = loader_report(args.config, [int(w) for w in args.workers.split(",")], args.ranks, args.batch_per_rank,
                                args.steps, args.warmup)

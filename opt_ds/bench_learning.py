@@ -30,6 +30,7 @@ OPEN_CLIP_DIR = REPO_ROOT / ".cache" / "open_clip"
 OPEN_CLIP_PACKAGES = ("open-clip-torch==3.3.0", "webdataset==0.2.86", "ftfy==6.3.1", "wcwidth==0.9.4", "pandas==3.1.1",
                       "python-dateutil==4.0.0", "pytz==2026.6", "tzdata==2026.6", "six==1.17.0")
 PEER_MODEL = "opt_ds_tiny_peer"
+ROW_NAMES = {"open_clip": "open_clip", "contrastive": "opt_ds contrastive", "full": "opt_ds all tasks"}
 DEMO_SCHEDULE = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())["schedule"]
 
 # open_clip side: train through its own CLI with a model config registered first; score with opt_ds.scoring
@@ -94,7 +95,7 @@ def peer_model_config(directory: Path, model_name: str, embed_dim: int) -> Path:
 
 
 def run_open_clip(workdir: Path, train: Path, eval_shards: Path, steps: int, batch: int, optim: dict,
-                  samples: int) -> dict:
+                  samples: int, seed: int) -> dict:
     """open_clip trained for `steps` steps of `batch` (one resampled epoch), then scored by opt_ds's rule."""
     target = ensure_open_clip()
     config_dir = peer_model_config(workdir / "open_clip_configs", "tiny", load_model_config("tiny").contrastive_dim)
@@ -106,45 +107,51 @@ def run_open_clip(workdir: Path, train: Path, eval_shards: Path, steps: int, bat
             "--model", PEER_MODEL, "--device", "cpu", "--precision", "amp_bf16", "--workers", "1",
             "--lr", str(optim["lr"]), "--wd", str(optim["weight_decay"]), "--warmup", str(optim["warmup_steps"]),
             "--beta1", str(optim["betas"][0]), "--beta2", str(optim["betas"][1]), "--eps", str(optim["eps"]),
-            "--logs", str(workdir / "open_clip_logs"), "--name", "peer", "--save-frequency", "1", "--seed", "0",
+            "--logs", str(workdir / "open_clip_logs"), "--name", f"peer_seed{seed}", "--save-frequency", "1",
+            "--seed", str(seed),
             "--report-to", ""]
-    with (workdir / "open_clip_train.log").open("w") as log:
+    with (workdir / f"open_clip_seed{seed}_train.log").open("w") as log:
         subprocess.run([sys.executable, "-c", OPEN_CLIP_TRAIN, str(config_dir), *args], check=True, env=env,
                        cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    checkpoint = workdir / "open_clip_logs" / "peer" / "checkpoints" / "epoch_1.pt"
+    checkpoint = workdir / "open_clip_logs" / f"peer_seed{seed}" / "checkpoints" / "epoch_1.pt"
     scored = subprocess.run([sys.executable, "-c", OPEN_CLIP_SCORE, str(config_dir), str(checkpoint), str(eval_shards),
                              str(samples), PEER_MODEL], check=True, env=env, capture_output=True, text=True)
     return json.loads(scored.stdout.strip().splitlines()[-1])
 
 
 def run_opt_ds(workdir: Path, name: str, train: Path, eval_shards: Path, schedule: dict, steps: int, batch: int,
-               optim: dict, samples: int, image_tokenizer: str | None, ranks: int = 2) -> dict:
-    """A real `opt_ds.train` run (ZeRO-3 bf16, `ranks` ranks), exported and scored by `opt_ds.evaluate`."""
+               optim: dict, samples: int, image_tokenizer: str | None, seed: int, ranks: int = 2) -> dict:
+    """A real `opt_ds.train` run (ZeRO-3 bf16, `ranks` ranks), exported and scored by `opt_ds.evaluate`; `seed`
+    sets the initial weights, the task draws and the data order."""
     from opt_ds.eval_generation import Decoding
     from opt_ds.evaluate import evaluate
 
     config = {"model": "tiny", "image_tokenizer": image_tokenizer, "schedule": schedule, "optim": optim,
               "data": {"sources": [{"name": "train", "shards": str(train)}],
                        "decode": {"image_size": 64, "max_audio_seconds": 2.0, "max_text_tokens": 24},
-                       "reader": {"batch_size": batch // ranks, "num_workers": 1, "shuffle_buffer": 500}},
-              "train": {"steps": steps, "log_every": 10, "save_every": 0, "grad_clip": 0.0}}
-    config_path, run_dir = workdir / f"{name}.yaml", workdir / name
+                       "reader": {"batch_size": batch // ranks, "num_workers": 1, "shuffle_buffer": 500, "seed": seed}},
+              "train": {"steps": steps, "log_every": 10, "save_every": 0, "grad_clip": 0.0, "seed": seed}}
+    run = f"{name}_seed{seed}"
+    config_path, run_dir = workdir / f"{run}.yaml", workdir / run
     config_path.write_text(yaml.safe_dump(config))
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            "--module", "opt_ds.train", "--config", str(config_path), "--output", str(run_dir), "--resume", "none"]
-    with (workdir / f"{name}_train.log").open("w") as log:
+    with (workdir / f"{run}_train.log").open("w") as log:
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    weights = workdir / f"{name}.safetensors"
+    weights = workdir / f"{run}.safetensors"
     subprocess.run([sys.executable, "-m", "opt_ds.export", "--checkpoint", str(run_dir / "checkpoints"),
                     "--out", str(weights)], check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    report = evaluate(str(weights), str(eval_shards), samples, workdir / f"{name}_eval", samples, Decoding())
+    report = evaluate(str(weights), str(eval_shards), samples, workdir / f"{run}_eval", samples, Decoding())
     scores = {k.removeprefix("eval/"): v for k, v in report["scores"].items()}
     return scores | {"samples": report["samples"]}
 
 
 def learning_report(workdir: Path, train: Path | None, eval_shards: Path | None, steps: int, batch: int,
-                    samples: int, image_tokenizer: str | None, runs: list[str]) -> dict:
-    """The runs side by side; synthetic image+text shards (open_clip's modalities) are built when none are given."""
+                    samples: int, image_tokenizer: str | None, runs: list[str], seeds: list[int]) -> dict:
+    """The runs side by side, each once per seed (rows: run -> one score dict per seed); synthetic image+text
+    shards (open_clip's modalities) are built when none are given."""
+    if "full" in runs and image_tokenizer is None:
+        raise ValueError("bench learning: the full run needs --image-tokenizer (an exported VQ-VAE, e.g. the demo's)")
     workdir.mkdir(parents=True, exist_ok=True)
     if train is None or eval_shards is None:
         train, eval_shards = workdir / "train", workdir / "eval"
@@ -154,30 +161,35 @@ def learning_report(workdir: Path, train: Path | None, eval_shards: Path | None,
                                    "--out", str(out), "--quiet"])
     optim = {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 30, "betas": [0.9, 0.98], "eps": 1e-6, "min_lr_ratio": 0.0}
     contrastive = {"mode": "sample", "stages": [{"name": "all", "tasks": {"contrastive": 1.0}}]}
-    report = {"steps": steps, "global_batch": batch, "train": str(train), "eval": str(eval_shards), "optim": optim,
-              "rows": {}}
-    if "open_clip" in runs:
-        report["rows"]["open_clip"] = run_open_clip(workdir, train, eval_shards, steps, batch, optim, samples)
-    if "contrastive" in runs:
-        report["rows"]["opt_ds contrastive"] = run_opt_ds(workdir, "contrastive", train, eval_shards, contrastive,
-                                                          steps, batch, optim, samples, None)
-    if "full" in runs:
-        if image_tokenizer is None:
-            raise ValueError("bench learning: the full run needs --image-tokenizer (an exported VQ-VAE, e.g. the demo's)")
-        report["rows"]["opt_ds all tasks"] = run_opt_ds(workdir, "full", train, eval_shards, DEMO_SCHEDULE, steps,
-                                                        batch, optim, samples, image_tokenizer)
-    return report
+
+    def one_run(run: str, seed: int) -> dict:
+        if run == "open_clip":
+            return run_open_clip(workdir, train, eval_shards, steps, batch, optim, samples, seed)
+        schedule, tokenizer = (contrastive, None) if run == "contrastive" else (DEMO_SCHEDULE, image_tokenizer)
+        return run_opt_ds(workdir, run, train, eval_shards, schedule, steps, batch, optim, samples, tokenizer, seed)
+
+    rows = {ROW_NAMES[run]: [one_run(run, seed) | {"seed": seed} for seed in seeds] for run in runs}
+    return {"steps": steps, "global_batch": batch, "train": str(train), "eval": str(eval_shards), "optim": optim,
+            "seeds": seeds, "rows": rows}
 
 
 def learning_table(report: dict) -> str:
-    first = next(iter(report["rows"].values()))
-    lines = [f"{report['steps']} steps, global batch {report['global_batch']}, {first['samples']} held-out samples; "
-             "a duplicate caption counts as correct, a tie as a miss", "",
-             "| run | text->image R@1 / R@5 / R@10 | image->text R@1 / R@5 / R@10 | captions from image: BLEU-4 / CIDEr / "
-             "colour+shape | images from text: R@1 / colour |", "|---|---|---|---|---|"]
-    for name, r in report["rows"].items():
-        recall = lambda q: " / ".join(f"{r[f'{q}/R@{k}']:.3f}" for k in (1, 5, 10))  # noqa: E731
-        get = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
+    """Each score's mean over the seeds; R@1 also with its lowest and highest seed."""
+    first = next(iter(report["rows"].values()))[0]
+    lines = [f"{report['steps']} steps, global batch {report['global_batch']}, {first['samples']} held-out samples, "
+             f"seeds {report['seeds']}; a duplicate caption counts as correct, a tie as a miss; R@1 as mean (lowest-highest)",
+             "", "| run | text->image R@1 / R@5 / R@10 | image->text R@1 / R@5 / R@10 | captions from image: BLEU-4 / "
+             "CIDEr / colour+shape | images from text: R@1 / colour |", "|---|---|---|---|---|"]
+    for name, per_seed in report["rows"].items():
+        def get(key: str) -> str:
+            values = [r[key] for r in per_seed if key in r]
+            return f"{sum(values) / len(values):.3f}" if values else "-"
+
+        def recall(query: str) -> str:
+            ones = [r[f"{query}/R@1"] for r in per_seed]
+            spread = f" ({min(ones):.3f}-{max(ones):.3f})" if len(ones) > 1 else ""
+            return f"{get(f'{query}/R@1')}{spread} / {get(f'{query}/R@5')} / {get(f'{query}/R@10')}"
+
         lines.append(f"| {name} | {recall('text->image')} | {recall('image->text')} | "
                      f"{get('captions_from_image/BLEU-4')} / {get('captions_from_image/CIDEr')} / "
                      f"{get('captions_from_image/colour_and_shape')} | {get('images_from_text/R@1')} / "

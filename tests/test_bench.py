@@ -86,16 +86,19 @@ def test_plot_draws_the_recorded_figures(tmp_path):
 @pytest.mark.slow
 def test_learning_bench_scores_open_clip_and_opt_ds_by_one_rule(tmp_path, synthetic_shards):
     """A few steps of open_clip (installed into its own folder on first use) and of opt_ds on the same shards,
-    both scored on the same held-out samples with the same chance level."""
+    once per seed, all scored on the same held-out samples with the same chance level."""
     report = last_json(run_module("opt_ds.bench", "learning", "--train", str(synthetic_shards), "--eval",
                                   str(synthetic_shards), "--steps", "3", "--batch", "8", "--samples", "20",
-                                  "--runs", "open_clip,contrastive", "--workdir", str(tmp_path), "--json",
-                                  timeout=1200).stdout)
+                                  "--runs", "open_clip,contrastive", "--seeds", "0,1", "--workdir", str(tmp_path),
+                                  "--json", timeout=1200).stdout)
     rows = report["rows"]
     assert set(rows) == {"open_clip", "opt_ds contrastive"}
-    for row in rows.values():
-        assert row["samples"] == 20
-        for query in ("text->image", "image->text"):
-            assert 0 <= row[f"{query}/R@1"] <= row[f"{query}/R@5"] <= row[f"{query}/R@10"] <= 1
-    assert rows["open_clip"]["chance_R@1"] == pytest.approx(rows["opt_ds contrastive"]["text_image/chance_R@1"])
-    assert "captions_from_image/CIDEr" in rows["opt_ds contrastive"]
+    for per_seed in rows.values():
+        assert [row["seed"] for row in per_seed] == [0, 1]
+        for row in per_seed:
+            assert row["samples"] == 20
+            for query in ("text->image", "image->text"):
+                assert 0 <= row[f"{query}/R@1"] <= row[f"{query}/R@5"] <= row[f"{query}/R@10"] <= 1
+    assert rows["open_clip"][0]["chance_R@1"] == pytest.approx(rows["opt_ds contrastive"][0]["text_image/chance_R@1"])
+    assert "captions_from_image/CIDEr" in rows["opt_ds contrastive"][0]
+    assert (tmp_path / "contrastive_seed1.yaml").is_file() and "seed: 1" in (tmp_path / "contrastive_seed1.yaml").read_text()
