@@ -45,6 +45,7 @@ class Decoding:
     image_temperature: float = 0.0  # 0: greedy image codes
     image_top_k: int = 0
     image_top_p: float = 1.0
+    image_guidance: float = 1.0  # classifier-free guidance scale; 1: plain conditional decoding
     seed: int = 0
 
 
@@ -86,9 +87,14 @@ def images_from_text(call: Callable, batch: dict, device: torch.device, dtype: t
     generator = torch.Generator(device=device).manual_seed(decoding.seed)
 
     def run(m):
-        fused = m.fuse(m.unimodal(b), b, keep={"image": torch.zeros_like(b["has_image"])})
+        uni, absent = m.unimodal(b), torch.zeros_like(b["has_image"])
+        fused = m.fuse(uni, b, keep={"image": absent})
+        unconditional = None
+        if decoding.image_guidance != 1.0:
+            unconditional = m.fuse(uni, b, keep={modality: absent for modality in MODALITY_ORDER})
         return generate_image_tokens(m, fused, temperature=decoding.image_temperature, top_k=decoding.image_top_k,
-                                     top_p=decoding.image_top_p, generator=generator)
+                                     top_p=decoding.image_top_p, generator=generator, guidance=decoding.image_guidance,
+                                     unconditional=unconditional)
 
     codes = call(run)
     return denormalise(image_tokenizer.decode(codes.to(next(image_tokenizer.parameters()).device)))

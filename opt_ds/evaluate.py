@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-temperature", type=float, default=defaults.image_temperature, help="0: greedy")
     parser.add_argument("--image-top-k", type=int, default=defaults.image_top_k)
     parser.add_argument("--image-top-p", type=float, default=defaults.image_top_p)
+    parser.add_argument("--image-guidance", type=float, default=defaults.image_guidance,
+                        help="classifier-free guidance scale for image codes (1: none)")
     parser.add_argument("--hard-negatives", type=int, default=0,
                         help="also score each caption against up to K hard negatives from KEY.json")
     parser.add_argument("--out", default=None, help="where the captions and pictures go (default: beside the weights)")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir = Path(args.out) if args.out else Path(args.weights).with_suffix("").parent / (Path(args.weights).stem + "_eval")
     decoding = Decoding(beams=args.beams, no_repeat_ngram=args.no_repeat_ngram, image_temperature=args.image_temperature,
-                        image_top_k=args.image_top_k, image_top_p=args.image_top_p)
+                        image_top_k=args.image_top_k, image_top_p=args.image_top_p, image_guidance=args.image_guidance)
     try:
         report = evaluate(args.weights, args.shards, args.samples, out_dir, args.generate, decoding,
                           args.hard_negatives, args.grid)

@@ -214,6 +214,26 @@ def test_image_token_generation(tiny):
     assert image.shape == (3, 3, cfg.vision.image_size, cfg.vision.image_size)
 
 
+def test_image_guidance_moves_from_the_unconditional_codes_to_the_conditional_ones_and_beyond(tiny):
+    """Classifier-free guidance: logits = unconditional + g * (conditional - unconditional). g=0 decodes as the
+    unconditional fusion alone, g=1 as the conditional one alone; other scales change the codes."""
+    cfg, model = tiny
+    batch = fake_batch(cfg)
+    absent = torch.zeros_like(batch["has_image"])
+    with torch.no_grad():
+        uni = model.unimodal(batch)
+        fused = model.fuse(uni, batch, keep={"image": absent})
+        free = model.fuse(uni, batch, keep={m: absent for m in ("text", "image", "audio")})
+        conditional, unconditional = generate_image_tokens(model, fused), generate_image_tokens(model, free)
+        assert not torch.equal(conditional, unconditional)
+        assert torch.equal(generate_image_tokens(model, fused, guidance=1.0, unconditional=free), conditional)
+        assert torch.equal(generate_image_tokens(model, fused, guidance=0.0, unconditional=free), unconditional)
+        guided = generate_image_tokens(model, fused, guidance=5.0, unconditional=free)
+    assert not torch.equal(guided, conditional) and guided.max() < cfg.vq.codebook_size
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_image_tokens(model, fused, guidance=3.0)
+
+
 def test_text_encoder_loads_the_shipped_minilm_weights():
     cfg = load_model_config("small", {"text": {"init_from": "minilm", "max_len": 512}})
     model = OPTModel(cfg)

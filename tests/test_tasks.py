@@ -187,6 +187,23 @@ def test_text_only_samples_train_the_decoder_from_a_corrupted_copy_and_paired_on
     assert not (request.keep["text"] & batch["has_image"]).any() and torch.equal(request.batch["text_ids"], batch["text_ids"])
 
 
+def test_image_gen_trains_a_tenth_of_its_samples_with_no_condition(setup):
+    """Classifier-free guidance needs an unconditional decoder: image_gen leaves both partners out of the
+    fusion for about UNCONDITIONAL_SHARE of its samples and still trains on their codes."""
+    from opt_ds.tasks.generation import UNCONDITIONAL_SHARE
+
+    cfg, model, vq, batch = setup
+    task, unconditional, rows = TASKS["image_gen"](), 0, 0
+    for step in range(40):
+        request, state = task.prepare(model, batch, ctx_for(vq, step))
+        free = ~request.keep["text"] & ~request.keep["audio"] & state["trained"]
+        unconditional += int(free.sum())
+        rows += batch["has_image"].shape[0]
+    assert abs(unconditional / rows - UNCONDITIONAL_SHARE) < 0.05
+    loss, metrics = task(model, batch, ctx_for(vq))
+    assert loss.item() > 0 and metrics["tokens"] > 0
+
+
 def test_isolated_stage_hides_the_other_modalities(setup):
     """Stage 1 (uni-modal): MLM must not see image or audio, so changing them changes nothing."""
     cfg, model, vq, batch = setup

@@ -1,4 +1,5 @@
-"""Inference with the two decoders: greedy and beam-search captions, greedy or sampled (top-k, top-p) image tokens."""
+"""Inference with the two decoders: greedy and beam-search captions, greedy or sampled (top-k, top-p) image tokens,
+with classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -83,13 +84,29 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 @torch.no_grad()
 def generate_image_tokens(model: OPTModel, fused: Fused, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """A full grid of VQ codes [B, grid*grid]; temperature 0 is greedy, else sampling (with top-k / top-p)."""
+                          generator: torch.Generator | None = None, guidance: float = 1.0,
+                          unconditional: Fused | None = None) -> torch.Tensor:
+    """A full grid of VQ codes [B, grid*grid]; temperature 0 is greedy, else sampling (with top-k / top-p).
+
+    Classifier-free guidance: with `unconditional` (the same samples fused with no partner modality), the
+    logits are unconditional + guidance * (conditional - unconditional), so codes the caption makes likelier
+    (a small red shape) win over the codes that are likely anyway (the background). guidance 1 is plain
+    conditional decoding.
+    """
+    if guidance != 1.0 and unconditional is None:
+        raise ValueError("image guidance needs the unconditional fusion of the same samples")
     length = model.cfg.vision.grid ** 2
     batch = fused.tokens.shape[0]
+    memory, memory_valid = fused.tokens, fused.valid
+    if unconditional is not None:  # both halves in one decoder call per position
+        memory, memory_valid = torch.cat([memory, unconditional.tokens]), torch.cat([memory_valid, unconditional.valid])
     seqs = torch.full((batch, 1), model.image_bos, dtype=torch.long, device=fused.tokens.device)
     for _ in range(length):
-        logits = model.image_decoder(seqs, fused.tokens, fused.valid)[:, -1, : model.cfg.vq.codebook_size].float()
+        inputs = seqs if unconditional is None else seqs.repeat(2, 1)
+        logits = model.image_decoder(inputs, memory, memory_valid)[:, -1, : model.cfg.vq.codebook_size].float()
+        if unconditional is not None:
+            conditional, free = logits.split(batch)
+            logits = free + guidance * (conditional - free)
         if temperature <= 0:
             token = logits.argmax(-1, keepdim=True)
         else:

@@ -17,6 +17,7 @@ from opt_ds.tasks.token import audio_token_valid
 
 PARTNER_SPLIT = (0.3, 0.3, 0.4)
 DENOISE_RATIO = 0.3
+UNCONDITIONAL_SHARE = 0.1  # image_gen samples trained with every partner left out: classifier-free guidance
 
 
 def partner_plan(batch_size: int, ctx: TaskContext, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,26 +61,33 @@ class TextGeneration(Task):
 
 
 class ImageGeneration(Task):
-    """Image excluded from the encoder; the image decoder predicts its VQ tokens from text + audio."""
+    """Image excluded from the encoder; the image decoder predicts its VQ tokens from text + audio.
+
+    UNCONDITIONAL_SHARE of the samples see neither partner (the fusion holds its CLS alone), so the one
+    decoder also learns the unconditional distribution of codes that classifier-free guidance contrasts the
+    conditional one with (`generate_image_tokens(..., guidance=, unconditional=)`).
+    """
 
     name, components = "image_gen", ("text", "vision", "audio", "fusion", "image_decoder")
 
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         codes = ctx.image_codes(batch["image"])
         whole_text, whole_audio = partner_plan(codes.shape[0], ctx, codes.device)
+        unconditional = ctx.rand(codes.shape[0], device=codes.device) < UNCONDITIONAL_SHARE
         text_mask = choose_mask(text_candidates(batch, ctx), ctx, whole_prob=0.0) & ~whole_text[:, None]
         audio_mask = choose_mask(audio_token_valid(batch, model), ctx, whole_prob=0.0) & ~whole_audio[:, None]
-        keep = {"image": torch.zeros_like(batch["has_image"]), "text": ~whole_text, "audio": ~whole_audio}
+        keep = {"image": torch.zeros_like(batch["has_image"]), "text": ~whole_text & ~unconditional,
+                "audio": ~whole_audio & ~unconditional}
         corrupted = batch | {"text_ids": bert_corrupt(batch["text_ids"], text_mask, ctx)}
-        has_partner = (batch["has_text"] & ~whole_text) | (batch["has_audio"] & ~whole_audio)
+        has_partner = (batch["has_text"] & keep["text"]) | (batch["has_audio"] & keep["audio"])
         request = EncoderRequest(corrupted, audio_token_mask=audio_mask, keep=keep)
-        return request, {"codes": codes, "has_partner": has_partner}
+        return request, {"codes": codes, "trained": has_partner | unconditional}
 
     def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
               fused: Fused | None) -> tuple[torch.Tensor, dict]:
         codes = state["codes"]
         inputs = torch.cat([torch.full_like(codes[:, :1], model.image_bos), codes[:, :-1]], dim=1)
         logits = model.image_decoder(inputs, fused.tokens, fused.valid)
-        weight = (batch["has_image"] & state["has_partner"])[:, None].expand_as(codes)
+        weight = (batch["has_image"] & state["trained"])[:, None].expand_as(codes)
         loss, acc = weighted_cross_entropy(logits, codes, weight)
         return loss, {"acc": acc, "tokens": weight.sum().float()}
