@@ -30,6 +30,7 @@ OPEN_CLIP_DIR = REPO_ROOT / ".cache" / "open_clip"
 OPEN_CLIP_PACKAGES = ("open-clip-torch==3.3.0", "webdataset==0.2.86", "ftfy==6.3.1", "wcwidth==0.9.4", "pandas==3.1.1",
                       "python-dateutil==4.0.0", "pytz==2026.6", "tzdata==2026.6", "six==1.17.0")
 PEER_MODEL = "opt_ds_tiny_peer"
+OPEN_CLIP_VOCAB = 49408  # open_clip's BPE tokenizer
 ROW_NAMES = {"open_clip": "open_clip", "contrastive": "opt_ds contrastive", "full": "opt_ds all tasks"}
 DEMO_SCHEDULE = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())["schedule"]
 
@@ -89,7 +90,7 @@ def peer_model_config(directory: Path, model_name: str, embed_dim: int) -> Path:
         "embed_dim": embed_dim,
         "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.hidden, "layers": v.layers,
                        "head_width": v.hidden // v.heads, "mlp_ratio": v.mlp_ratio},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": t.hidden, "heads": t.heads, "layers": t.layers},
+        "text_cfg": {"context_length": 32, "vocab_size": OPEN_CLIP_VOCAB, "width": t.hidden, "heads": t.heads, "layers": t.layers},
     }))
     return directory
 
@@ -146,6 +147,16 @@ def run_opt_ds(workdir: Path, name: str, train: Path, eval_shards: Path, schedul
     return scores | {"samples": report["samples"]}
 
 
+def synthetic_image_text(workdir: Path, held_out: int) -> tuple[Path, Path]:
+    """-> (training, held-out) synthetic image+text shards under workdir: 2000 and `held_out` samples, built once."""
+    train, eval_shards = workdir / "train", workdir / "eval"
+    for out, args in ((train, ["--num", "2000", "--seed", "0"]), (eval_shards, ["--num", str(held_out), "--seed", "7"])):
+        if not (out / "sizes.json").is_file():
+            build_shards.main(["synthetic", *args, "--modalities", "image,text", "--max-samples", "250",
+                               "--out", str(out), "--quiet"])
+    return train, eval_shards
+
+
 def learning_report(workdir: Path, train: Path | None, eval_shards: Path | None, steps: int, batch: int,
                     samples: int, image_tokenizer: str | None, runs: list[str], seeds: list[int]) -> dict:
     """The runs side by side, each once per seed (rows: run -> one score dict per seed); synthetic image+text
@@ -154,11 +165,7 @@ def learning_report(workdir: Path, train: Path | None, eval_shards: Path | None,
         raise ValueError("bench learning: the full run needs --image-tokenizer (an exported VQ-VAE, e.g. the demo's)")
     workdir.mkdir(parents=True, exist_ok=True)
     if train is None or eval_shards is None:
-        train, eval_shards = workdir / "train", workdir / "eval"
-        for out, args in ((train, ["--num", "2000", "--seed", "0"]), (eval_shards, ["--num", str(samples), "--seed", "7"])):
-            if not (out / "sizes.json").is_file():
-                build_shards.main(["synthetic", *args, "--modalities", "image,text", "--max-samples", "250",
-                                   "--out", str(out), "--quiet"])
+        train, eval_shards = synthetic_image_text(workdir, samples)
     optim = {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 30, "betas": [0.9, 0.98], "eps": 1e-6, "min_lr_ratio": 0.0}
     contrastive = {"mode": "sample", "stages": [{"name": "all", "tasks": {"contrastive": 1.0}}]}
 
