@@ -31,9 +31,9 @@ def resolve_text_checkpoint(init_from: str) -> Path:
 def mean_pool(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, L, D] tokens, [B, L] validity -> [B, D]: the mean of each row's real tokens (0 for a row without any).
 
-    The text embedding of the contrastive task. A 2-layer BERT's [CLS] output aligned with pictures at 0.75x the
-    R@1 of the same tower mean-pooled (BENCHMARKS.md, "the text pooling"), and sentence-embedding BERTs such as
-    all-MiniLM-L6-v2 (`text.init_from: minilm`) were trained mean-pooled.
+    The text embedding of the contrastive task. A 2-layer BERT's [CLS] output aligned with pictures at about
+    0.7x the R@1 of the same tower mean-pooled (BENCHMARKS.md, "the text pooling"), and sentence-embedding BERTs
+    such as all-MiniLM-L6-v2 (`text.init_from: minilm`) were trained mean-pooled.
     """
     weights = valid.to(torch.float32)[..., None]
     summed = (tokens.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
