@@ -45,7 +45,7 @@ class Decoding:
     image_temperature: float = 0.0  # 0: greedy image codes
     image_top_k: int = 0
     image_top_p: float = 1.0
-    image_guidance: float = 1.0  # classifier-free guidance scale; 1: plain conditional decoding
+    image_guidance: float = 8.0  # classifier-free guidance scale; 1: plain conditional decoding
     seed: int = 0
 
 
