@@ -29,6 +29,7 @@ from torch import nn
 
 from opt_ds.bench_learning import OPEN_CLIP_VOCAB, PEER_MODEL, ensure_open_clip, peer_model_config, synthetic_image_text
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.engine import parameter_groups
 from opt_ds.model.config import load_model_config
 from opt_ds.model.encoders import TextEncoder, VisionEncoder, mean_pool
 from opt_ds.scoring import recall_at, same_caption
@@ -76,24 +77,17 @@ class SwappedTowers(nn.Module):
         return F.normalize(out.float(), dim=-1)
 
 
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """opt_ds's and open_clip's rule alike: no weight decay on 1-d parameters, norms, biases, tokens, the scale."""
-    return (param.ndim < 2 or name.endswith(("bias", "pos_embed", "cls_token", "mask_token", "logit_scale"))
-            or "norm" in name or ".ln" in name)
-
-
 def run_variant(variant: str, seed: int, data: dict, steps: int, batch: int) -> dict:
-    """AdamW lr 5e-4, wd 0.1 (none on 1-d, norm, bias, position and class tokens), betas (0.9, 0.98), eps 1e-6,
-    30 warm-up steps then cosine to 0, bf16 autocast: `bench learning`'s settings."""
+    """AdamW lr 5e-4, wd 0.1 (opt_ds's groups: none on 1-d parameters, norms, biases, position and class tokens,
+    as open_clip), betas (0.9, 0.98), eps 1e-6, 30 warm-up steps then cosine to 0, bf16 autocast: `bench
+    learning`'s settings."""
     import open_clip
 
     text, vision = variant.split("/")
     torch.manual_seed(seed)
     model = SwappedTowers(text, vision, open_clip.create_model(PEER_MODEL))
-    params = list(model.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": 0.1},
-                                   {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0}],
-                                  lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay=0.1, lr=5e-4, lr_scale={}), lr=5e-4,
+                                  betas=(0.9, 0.98), eps=1e-6)
     warmup = 30
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
