@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := openmpi-bin libopenmpi-dev numactl libaio-dev slurm-wlm munge
+APT_PACKAGES := openmpi-bin libopenmpi-dev numactl libaio-dev slurm-wlm munge espeak-ng librsvg2-bin
 PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-quick clean-demo
+.PHONY: setup demo test test-quick clean-demo real-corpus
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: setup
 
 test-quick: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+# Real pictures with their spoken descriptions (Tux Paint's stamps), for the real-data rows of BENCHMARKS.md
+real-corpus: setup
+	dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tuxpaint-stamps-default
+	$(PY) benchmarks/stamps_corpus.py --out .cache/stamps
 
 clean-demo:
 	rm -rf demo_data demo_run

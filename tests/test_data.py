@@ -182,6 +182,40 @@ def test_manifest_builder(tmp_path, kind):
     assert next(iter(loader))["has_rewrite"].tolist() == [[True], [False], [False]]
 
 
+def test_stamps_corpus_pairs_each_drawing_with_its_description_spoken(tmp_path):
+    """The real-data corpus (benchmarks/stamps_corpus.py) on a constructed Tux Paint stamps folder: a PNG with its
+    own recording, an SVG read by espeak-ng, a stamp shipped as PNG and SVG (one sample), one without a text."""
+    stamps = tmp_path / "stamps"
+    (stamps / "animals").mkdir(parents=True)
+    (stamps / "food").mkdir()
+    Image.new("RGBA", (60, 30), (200, 10, 10, 255)).save(stamps / "animals" / "fox.png")  # a wide cut-out
+    (stamps / "animals" / "fox.txt").write_text("A red fox.\nfr.utf8=Un renard roux.\n")
+    (stamps / "animals" / "fox_desc.ogg").write_bytes(audio_bytes("ogg", seconds=1.0))
+    (stamps / "animals" / "fox.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
+    (stamps / "food" / "pear.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="20" height="20">'
+                                              '<circle cx="10" cy="10" r="9" fill="green"/></svg>')
+    (stamps / "food" / "pear.txt").write_text("A green pear.\n")
+    Image.new("RGB", (8, 8)).save(stamps / "food" / "untold.png")
+    subprocess.run([sys.executable, "benchmarks/stamps_corpus.py", "--stamps", str(stamps), "--out", str(tmp_path / "out")],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, timeout=120)
+    members = {}
+    for shard in (tmp_path / "out").glob("*/*.tar"):
+        with tarfile.open(shard) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert sorted(n for n in members if n.endswith(".txt")) == ["animals_fox.txt", "food_pear.txt"]
+    assert members["animals_fox.txt"] == b"A red fox." and members["food_pear.txt"] == b"A green pear."
+    fox, pear = (json.loads(members[f"{k}.json"]) for k in ("animals_fox", "food_pear"))
+    assert fox["speech"] == "recorded" and pear["speech"].startswith("espeak-ng ")
+    assert (fox["label_name"], pear["label_name"]) == ("animals", "food")
+    assert members["animals_fox.ogg"] == (stamps / "animals" / "fox_desc.ogg").read_bytes()
+    assert soundfile.info(io.BytesIO(members["food_pear.wav"])).duration > 0.5  # espeak-ng spoke the description
+    fox_picture = Image.open(io.BytesIO(members["animals_fox.jpg"]))
+    assert fox_picture.size == (128, 128)
+    red, green, _ = fox_picture.getpixel((64, 64))
+    assert min(fox_picture.getpixel((64, 5))) > 240 and red > 150 and green < 60  # the fox on white, padded
+    assert Image.open(io.BytesIO(members["food_pear.jpg"])).getpixel((64, 64))[1] > 100  # the SVG, rasterised
+
+
 # --- shard specs ---------------------------------------------------------------------------------
 
 def test_shard_specs(synthetic_shards, tmp_path):
