@@ -36,7 +36,7 @@ test-quick: setup
 
 # Real pictures with their spoken descriptions (Tux Paint's stamps), for the real-data rows of BENCHMARKS.md
 real-corpus: setup
-	dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tuxpaint-stamps-default
+	dpkg -s tuxpaint-stamps-default espeak-ng librsvg2-bin >/dev/null 2>&1 || $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tuxpaint-stamps-default espeak-ng librsvg2-bin
 	$(PY) benchmarks/stamps_corpus.py --out .cache/stamps
 
 clean-demo:
