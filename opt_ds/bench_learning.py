@@ -6,7 +6,10 @@ gradient clipping (open_clip's default):
 - open_clip 3.3.0 (image-text contrastive), installed for this benchmark only into .cache/open_clip
   (pip --target: it pins webdataset <= 0.2.86, opt_ds runs 1.0.2);
 - opt_ds with the contrastive task only (2 ranks, ZeRO-3 bf16);
-- opt_ds with every task (the demo's schedule), which must also learn to generate.
+- opt_ds with every task, which must also learn to generate: the demo's tasks and loss weights (its cross-modal
+  stage) and its decoders' learning-rate scale, every task at every step (`sum`, as UNIMO sums its losses) from
+  the first step. The demo instead draws one task per step (to fit 15 minutes on 2 cores) after a uni-modal
+  stage; at this benchmark's 600 steps that stage alone costs ~0.1 R@1 (BENCHMARKS.md).
 All three are scored by one rule (opt_ds.scoring: duplicate captions correct, ties missed) on the same
 held-out samples: image<->text R@1/5/10, and for opt_ds every score of `opt_ds.evaluate`.
 """
@@ -17,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -32,7 +36,8 @@ OPEN_CLIP_PACKAGES = ("open-clip-torch==3.3.0", "webdataset==0.2.86", "ftfy==6.3
 PEER_MODEL = "opt_ds_tiny_peer"
 OPEN_CLIP_VOCAB = 49408  # open_clip's BPE tokenizer
 ROW_NAMES = {"open_clip": "open_clip", "contrastive": "opt_ds contrastive", "full": "opt_ds all tasks"}
-DEMO_SCHEDULE = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())["schedule"]
+DEMO_CONFIG = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())
+FULL_SCHEDULE = {"mode": "sum", "stages": [{"name": "all", "tasks": DEMO_CONFIG["schedule"]["stages"][-1]["tasks"]}]}
 
 # open_clip side: train through its own CLI with a model config registered first; score with opt_ds.scoring
 OPEN_CLIP_TRAIN = """
@@ -111,13 +116,15 @@ def run_open_clip(workdir: Path, train: Path, eval_shards: Path, steps: int, bat
             "--logs", str(workdir / "open_clip_logs"), "--name", f"peer_seed{seed}", "--save-frequency", "1",
             "--seed", str(seed),
             "--report-to", ""]
+    started = time.perf_counter()
     with (workdir / f"open_clip_seed{seed}_train.log").open("w") as log:
         subprocess.run([sys.executable, "-c", OPEN_CLIP_TRAIN, str(config_dir), *args], check=True, env=env,
                        cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    train_seconds = time.perf_counter() - started
     checkpoint = workdir / "open_clip_logs" / f"peer_seed{seed}" / "checkpoints" / "epoch_1.pt"
     scored = subprocess.run([sys.executable, "-c", OPEN_CLIP_SCORE, str(config_dir), str(checkpoint), str(eval_shards),
                              str(samples), PEER_MODEL], check=True, env=env, capture_output=True, text=True)
-    return json.loads(scored.stdout.strip().splitlines()[-1])
+    return json.loads(scored.stdout.strip().splitlines()[-1]) | {"train_seconds": train_seconds}
 
 
 def run_opt_ds(workdir: Path, name: str, train: Path, eval_shards: Path, schedule: dict, steps: int, batch: int,
@@ -137,14 +144,16 @@ def run_opt_ds(workdir: Path, name: str, train: Path, eval_shards: Path, schedul
     config_path.write_text(yaml.safe_dump(config))
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            "--module", "opt_ds.train", "--config", str(config_path), "--output", str(run_dir), "--resume", "none"]
+    started = time.perf_counter()
     with (workdir / f"{run}_train.log").open("w") as log:
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    train_seconds = time.perf_counter() - started
     weights = workdir / f"{run}.safetensors"
     subprocess.run([sys.executable, "-m", "opt_ds.export", "--checkpoint", str(run_dir / "checkpoints"),
                     "--out", str(weights)], check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
     report = evaluate(str(weights), str(eval_shards), samples, workdir / f"{run}_eval", samples, Decoding())
     scores = {k.removeprefix("eval/"): v for k, v in report["scores"].items()}
-    return scores | {"samples": report["samples"]}
+    return scores | {"samples": report["samples"], "train_seconds": train_seconds}
 
 
 def synthetic_image_text(workdir: Path, held_out: int) -> tuple[Path, Path]:
@@ -163,21 +172,26 @@ def learning_report(workdir: Path, train: Path | None, eval_shards: Path | None,
     shards (open_clip's modalities) are built when none are given."""
     if "full" in runs and image_tokenizer is None:
         raise ValueError("bench learning: the full run needs --image-tokenizer (an exported VQ-VAE, e.g. the demo's)")
+    workdir = workdir.resolve()  # open_clip runs inside it: paths given relative to here must still resolve
     workdir.mkdir(parents=True, exist_ok=True)
     if train is None or eval_shards is None:
         train, eval_shards = synthetic_image_text(workdir, samples)
+    train, eval_shards = train.resolve(), eval_shards.resolve()
     optim = {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 30, "betas": [0.9, 0.98], "eps": 1e-6, "min_lr_ratio": 0.0}
     contrastive = {"mode": "sample", "stages": [{"name": "all", "tasks": {"contrastive": 1.0}}]}
 
     def one_run(run: str, seed: int) -> dict:
         if run == "open_clip":
             return run_open_clip(workdir, train, eval_shards, steps, batch, optim, samples, seed)
-        schedule, tokenizer = (contrastive, None) if run == "contrastive" else (DEMO_SCHEDULE, image_tokenizer)
-        return run_opt_ds(workdir, run, train, eval_shards, schedule, steps, batch, optim, samples, tokenizer, seed)
+        if run == "contrastive":
+            return run_opt_ds(workdir, run, train, eval_shards, contrastive, steps, batch, optim, samples, None, seed)
+        full_optim = optim | {"lr_scale": DEMO_CONFIG["optim"].get("lr_scale", {})}  # the demo's decoder rates
+        return run_opt_ds(workdir, run, train, eval_shards, FULL_SCHEDULE, steps, batch, full_optim, samples,
+                          image_tokenizer, seed)
 
     rows = {ROW_NAMES[run]: [one_run(run, seed) | {"seed": seed} for seed in seeds] for run in runs}
     return {"steps": steps, "global_batch": batch, "train": str(train), "eval": str(eval_shards), "optim": optim,
-            "seeds": seeds, "rows": rows}
+            "full_schedule": FULL_SCHEDULE, "seeds": seeds, "rows": rows}
 
 
 def learning_table(report: dict) -> str:
@@ -186,11 +200,11 @@ def learning_table(report: dict) -> str:
     lines = [f"{report['steps']} steps, global batch {report['global_batch']}, {first['samples']} held-out samples, "
              f"seeds {report['seeds']}; a duplicate caption counts as correct, a tie as a miss; R@1 as mean (lowest-highest)",
              "", "| run | text->image R@1 / R@5 / R@10 | image->text R@1 / R@5 / R@10 | captions from image: BLEU-4 / "
-             "CIDEr / colour+shape | images from text: R@1 / colour |", "|---|---|---|---|---|"]
+             "CIDEr / colour+shape | images from text: R@1 / colour | training s |", "|---|---|---|---|---|---|"]
     for name, per_seed in report["rows"].items():
-        def get(key: str) -> str:
+        def get(key: str, digits: int = 3) -> str:
             values = [r[key] for r in per_seed if key in r]
-            return f"{sum(values) / len(values):.3f}" if values else "-"
+            return f"{sum(values) / len(values):.{digits}f}" if values else "-"
 
         def recall(query: str) -> str:
             ones = [r[f"{query}/R@1"] for r in per_seed]
@@ -200,7 +214,7 @@ def learning_table(report: dict) -> str:
         lines.append(f"| {name} | {recall('text->image')} | {recall('image->text')} | "
                      f"{get('captions_from_image/BLEU-4')} / {get('captions_from_image/CIDEr')} / "
                      f"{get('captions_from_image/colour_and_shape')} | {get('images_from_text/R@1')} / "
-                     f"{get('images_from_text/colour')} |")
+                     f"{get('images_from_text/colour')} | {get('train_seconds', 0)} |")
     chance = first.get("chance_R@1", first.get("text_image/chance_R@1"))
     lines.append(f"\nchance R@1 {chance:.3f}")
     return "\n".join(lines)

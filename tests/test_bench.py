@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from conftest import run_module
+from conftest import REPO, run_module
 from opt_ds.model.config import load_model_config
 from opt_ds.model.size import parameter_count
 
@@ -86,17 +87,18 @@ def test_plot_draws_the_recorded_figures(tmp_path):
 @pytest.mark.slow
 def test_learning_bench_scores_open_clip_and_opt_ds_by_one_rule(tmp_path, synthetic_shards):
     """A few steps of open_clip (installed into its own folder on first use) and of opt_ds on the same shards,
-    once per seed, all scored on the same held-out samples with the same chance level."""
-    report = last_json(run_module("opt_ds.bench", "learning", "--train", str(synthetic_shards), "--eval",
-                                  str(synthetic_shards), "--steps", "3", "--batch", "8", "--samples", "20",
-                                  "--runs", "open_clip,contrastive", "--seeds", "0,1", "--workdir", str(tmp_path),
-                                  "--json", timeout=1200).stdout)
+    once per seed, all scored on the same held-out samples with the same chance level; paths given relative
+    to where the command runs (open_clip trains inside the work folder)."""
+    shards, workdir = (os.path.relpath(p, REPO) for p in (synthetic_shards, tmp_path))
+    report = last_json(run_module("opt_ds.bench", "learning", "--train", shards, "--eval", shards, "--steps", "3",
+                                  "--batch", "8", "--samples", "20", "--runs", "open_clip,contrastive", "--seeds",
+                                  "0,1", "--workdir", workdir, "--json", timeout=1200).stdout)
     rows = report["rows"]
     assert set(rows) == {"open_clip", "opt_ds contrastive"}
     for per_seed in rows.values():
         assert [row["seed"] for row in per_seed] == [0, 1]
         for row in per_seed:
-            assert row["samples"] == 20
+            assert row["samples"] == 20 and row["train_seconds"] > 0
             for query in ("text->image", "image->text"):
                 assert 0 <= row[f"{query}/R@1"] <= row[f"{query}/R@5"] <= row[f"{query}/R@10"] <= 1
     assert rows["open_clip"][0]["chance_R@1"] == pytest.approx(rows["opt_ds contrastive"][0]["text_image/chance_R@1"])
