@@ -8,7 +8,7 @@ Each stamp is a drawing by a person (clip art of animals, food, vehicles, people
 with a one-line English description its artist wrote (the first line of <stamp>.txt: "A lion is a big cat.").
 - picture: flattened onto white (stamps are transparent cut-outs), padded to a square, 128 px JPEG;
 - speech: the description read aloud, by a person where the stamp ships its own recording (<stamp>_desc.ogg,
-  66 stamps), else by espeak-ng in one of several English voices (chosen by the stamp's name, so a rebuild
+  65 stamps), else by espeak-ng in one of several English voices (chosen by the stamp's name, so a rebuild
   gives the same corpus); KEY.json `speech` says which;
 - KEY.json `label_name`: the stamp's top folder (animals, food, vehicles, ...), for zero-shot classification.
 A fifth of the stamps, chosen by a hash of their path, are held out (`eval/`); the rest are `train/`.
