@@ -19,7 +19,7 @@ from opt_ds.plain_loop import task_trend, train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
 from opt_ds.model.fusion import MODALITY_ORDER
-from opt_ds.tasks.contrastive import Rewrites, contrastive_loss, info_nce
+from opt_ds.tasks.contrastive import PAIRS, Rewrites, contrastive_loss, info_nce
 from opt_ds.tasks.matching import swap_sources
 from opt_ds.tasks.token import audio_token_valid
 
@@ -263,6 +263,17 @@ def test_contrastive_on_two_ranks_equals_the_whole_batch_on_one(tmp_path, rewrit
     for name, grad in expected.items():  # each rank's gradient counts both ranks' losses; data parallelism halves it
         assert torch.allclose(torch.cat([p["grads"][name] for p in parts]) / 2, grad, atol=1e-6), name
         assert grad.abs().sum() > 0
+
+
+def test_contrastive_loss_is_the_mean_over_the_pairs_the_batch_holds():
+    """Image-text shards: the loss is the image-text pair's, not a third of it; with all three pairs, their mean."""
+    emb, has, scale, _ = contrastive_inputs()
+    loss, metrics = contrastive_loss(emb, has, scale)
+    pairs = [metrics[f"{a}_{b}_loss"] for a, b in PAIRS]
+    assert loss.item() == pytest.approx(sum(pairs).item() / 3, rel=1e-6)
+    no_audio = has | {"audio": torch.zeros_like(has["audio"])}
+    loss, metrics = contrastive_loss(emb, no_audio, scale)
+    assert loss.item() == pytest.approx(metrics["text_image_loss"].item(), rel=1e-6) and loss.item() > 0.5
 
 
 def test_rewrites_are_extra_positives_and_negatives_and_absent_ones_change_nothing():

@@ -113,7 +113,11 @@ def contrastive_embeddings(model: OPTModel, batch: dict,
 
 def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], scale: torch.Tensor,
                      rewrites: Rewrites | None = None) -> tuple[torch.Tensor, dict]:
-    """Mean symmetric InfoNCE over the modality pairs against the global batch's keys.
+    """Mean symmetric InfoNCE over the modality pairs the global batch holds, against its keys.
+
+    Pairs no sample of the global batch holds are left out of the mean (every rank sees the same flags, so all
+    agree): on image-text shards the loss is the image-text loss, not a third of it, and its weight against
+    the other tasks in a `sum` schedule is the one configured.
 
     The three modalities travel stacked: one all-gather for the embeddings and one for the presence flags per
     step, instead of one of each per modality (each collective is a sync point between ranks). Rewrites
@@ -136,7 +140,8 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
         metrics[f"{a}_{b}_acc"] = (acc_ab + acc_ba) / 2
     if rewrites is not None:
         metrics.update(hard_negative_accuracy(emb, has, rewrites))
-    return total / len(PAIRS), metrics
+    held = sum((key_valid[index[a]] & key_valid[index[b]]).any().int() for a, b in PAIRS)
+    return total / max(int(held), 1), metrics
 
 
 def hard_negative_accuracy(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
