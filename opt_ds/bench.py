@@ -50,7 +50,7 @@ from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.synthetic import synthetic_sample
 from opt_ds.launch import free_port
-from opt_ds.metrics import cuda_peak_tflops, measure_matmul_peak_tflops, step_flops
+from opt_ds.metrics import cuda_peak_tflops, measure_matmul_peak_tflops, step_flops, tensorboard_scalars
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.size import forward_flops, lengths_for, parameter_count
@@ -147,7 +147,7 @@ def deepspeed_run(model_name: str, zero: int, ranks: int, batch_per_rank: int, s
                         proc.stdout + proc.stderr)
     keys = {"perf/step_time_s": "step_s", "perf/mfu": "mfu", "perf/tflops": "tflops",
             "perf/data_wait_frac": "data_wait_frac", "memory/peak_mb": "peak_mb", "memory/transient_mb": "transient_mb"}
-    scalars = _scalars(run_dir / "tb", tuple(keys))
+    scalars = tensorboard_scalars(run_dir / "tb", tuple(keys))
     measured = sorted(scalars["perf/step_time_s"])[warmup:]
     median = {key: statistics.median(scalars[tag][s] for s in measured) for tag, key in keys.items()}
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -167,14 +167,6 @@ class RunFailed(RuntimeError):
             return "out of disk space"
         errors = [line for line in self.output.splitlines() if re.search(r"Error|error:", line)]
         return (errors[-1] if errors else self.output.strip().splitlines()[-1] if self.output.strip() else "failed")[-200:]
-
-
-def _scalars(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir))
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags}
 
 
 def bench_shards(model_name: str, samples: int, out: Path) -> Path:
@@ -476,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plot", help=f"draw {PLOT.relative_to(REPO_ROOT)} from {RECORDS.relative_to(REPO_ROOT)}")
     pl.add_argument("--records", type=Path, default=RECORDS)
     pl.add_argument("--out", type=Path, default=PLOT)
+    cu = sub.add_parser("curves", help="learning curves of a run: training loss per task, held-out scores per eval")
+    cu.add_argument("--run", type=Path, required=True, help="a run directory (its tb/)")
+    cu.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.kind == "plot":
-        from opt_ds.bench_plot import plot
+    if args.kind in ("plot", "curves"):
+        from opt_ds.bench_plot import learning_curves, plot
 
-        print(plot(args.records, args.out))
+        print(plot(args.records, args.out) if args.kind == "plot" else learning_curves(args.run, args.out))
         return 0
     if args.kind == "learning":
         from opt_ds.bench_learning import learning_report

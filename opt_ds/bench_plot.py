@@ -1,4 +1,5 @@
-"""The benchmark plot: training throughput and per-rank model state against the config, from recorded runs.
+"""The benchmark plots: training throughput and per-rank model state against the config, from recorded runs;
+a run's learning curves, from its TensorBoard files.
 
 Reads benchmarks/records.jsonl (one JSON line per `python -m opt_ds.bench ... --record`); the newest record
 of each (kind, config) wins.
@@ -87,6 +88,53 @@ def plot(records: Path, out: Path) -> Path:
     memory.set_title(f"Model state per rank ({'/'.join(map(str, sorted(ranks)))} ranks)")
     memory.legend(fontsize=7)
 
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+CURVE_SCORES = {  # held-out score -> its chance level's tag (None: no chance level to draw)
+    "eval/text->image/R@1": "eval/text_image/chance_R@1",
+    "eval/image->text/R@1": "eval/text_image/chance_R@1",
+    "eval/text->audio/R@1": "eval/text_audio/chance_R@1",
+    "eval/zero_shot/image_acc": "eval/zero_shot/chance",
+    "eval/captions_from_image/colour_and_shape": None,
+    "eval/images_from_text/colour": None,
+}
+
+
+def learning_curves(run_dir: Path, out: Path) -> Path:
+    """A run's learning curves from its TensorBoard files: each task's training loss (per logging window) and
+    the held-out scores at each evaluation, with their chance levels dashed."""
+    from opt_ds.metrics import tensorboard_scalars
+
+    scalars = tensorboard_scalars(run_dir / "tb")
+    losses = sorted(tag for tag in scalars if tag.endswith("/loss") and tag.count("/") == 1 and tag != "loss/total")
+    scores = [tag for tag in CURVE_SCORES if scalars.get(tag)]
+    if not losses and not scores:
+        raise SystemExit(f"{run_dir / 'tb'}: no task losses or held-out scores logged")
+    fig, (train, held_out) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for tag in losses:
+        steps = sorted(scalars[tag])
+        train.plot(steps, [scalars[tag][s] for s in steps], label=tag.removesuffix("/loss"), linewidth=1)
+    train.set_yscale("log")
+    train.set_xlabel("step")
+    train.set_ylabel("training loss (mean over the logging window)")
+    train.set_title(f"{run_dir.name}: training loss per task")
+    train.legend(fontsize=7)
+    for tag in scores:
+        steps = sorted(scalars[tag])
+        line, = held_out.plot(steps, [scalars[tag][s] for s in steps], marker="o", label=tag.removeprefix("eval/"))
+        chance = scalars.get(CURVE_SCORES[tag] or "", {})
+        if chance:
+            held_out.plot(steps, [chance.get(s, float("nan")) for s in steps], linestyle="--", linewidth=0.8,
+                          color=line.get_color())
+    held_out.set_xlabel("step")
+    held_out.set_ylabel("held-out score (dashed: chance)")
+    held_out.set_title("held-out scores at each evaluation")
+    held_out.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -193,3 +193,12 @@ class Reporter:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def tensorboard_scalars(tb_dir: Path, tags: tuple[str, ...] | None = None) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read back from a run's TensorBoard files (every tag when none are named)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in (tags or acc.Tags()["scalars"])}

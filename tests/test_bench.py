@@ -84,6 +84,28 @@ def test_plot_draws_the_recorded_figures(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_curves_draw_a_runs_losses_and_held_out_scores_from_its_tensorboard_files(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from opt_ds.metrics import tensorboard_scalars
+
+    with SummaryWriter(tmp_path / "run" / "tb") as writer:
+        for step in range(10, 101, 10):
+            writer.add_scalar("contrastive/loss", 3.0 / step, step)
+            writer.add_scalar("contrastive/text_image_loss", 1.0, step)  # a per-pair loss: not a task's curve
+        for step in (50, 100):
+            writer.add_scalar("eval/text->image/R@1", step / 200, step)
+            writer.add_scalar("eval/text_image/chance_R@1", 0.01, step)
+    assert tensorboard_scalars(tmp_path / "run" / "tb", ("eval/text->image/R@1",)) == {
+        "eval/text->image/R@1": {50: 0.25, 100: 0.5}}
+    out = tmp_path / "curves.png"
+    run_module("opt_ds.bench", "curves", "--run", str(tmp_path / "run"), "--out", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    (tmp_path / "empty" / "tb").mkdir(parents=True)
+    failed = run_module("opt_ds.bench", "curves", "--run", str(tmp_path / "empty"), "--out", str(out), check=False)
+    assert failed.returncode != 0 and "no task losses or held-out scores" in failed.stderr
+
+
 @pytest.mark.slow
 def test_learning_bench_scores_open_clip_and_opt_ds_by_one_rule(tmp_path, synthetic_shards):
     """A few steps of open_clip (installed into its own folder on first use) and of opt_ds on the same shards,
