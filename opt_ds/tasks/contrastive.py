@@ -140,8 +140,8 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
         metrics[f"{a}_{b}_acc"] = (acc_ab + acc_ba) / 2
     if rewrites is not None:
         metrics.update(hard_negative_accuracy(emb, has, rewrites))
-    held = sum((key_valid[index[a]] & key_valid[index[b]]).any().int() for a, b in PAIRS)
-    return total / max(int(held), 1), metrics
+    held = torch.stack([(key_valid[index[a]] & key_valid[index[b]]).any() for a, b in PAIRS]).sum()
+    return total / held.clamp(min=1), metrics  # a tensor: no host sync per step on a GPU
 
 
 def hard_negative_accuracy(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
