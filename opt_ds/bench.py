@@ -16,6 +16,7 @@
 - learning: opt_ds (contrastive only, and every task) against open_clip on the same shards, steps and batch:
   retrieval by one rule, and what opt_ds generates (opt_ds/bench_learning.py).
 - plot: benchmarks/bench.png (throughput and model state per config) from the recorded figures.
+- curves: a run's learning curves (training loss per task, held-out scores) from its TensorBoard files.
 Warm-up steps are excluded; step times are medians. `--record` appends the table, the command, the
 machine and the commit to BENCHMARKS.md, and the figures to benchmarks/records.jsonl.
 """
