@@ -21,6 +21,15 @@ from opt_ds.model.size import parameter_count  # noqa: E402
 STAGE_COLOURS = {0: "tab:blue", 1: "tab:purple", 2: "tab:orange", 3: "tab:green"}  # the same in both panels
 
 
+def save(fig: plt.Figure, out: Path) -> Path:
+    """Lay the figure out, write it as a PNG (its folder made if needed) and free it."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def newest_reports(records: Path) -> dict[str, dict[str, dict]]:
     """{kind: {config: report}} keeping the last record of each."""
     out: dict[str, dict[str, dict]] = {}
@@ -87,12 +96,7 @@ def plot(records: Path, out: Path) -> Path:
     memory.set_ylabel("MiB per rank")
     memory.set_title(f"Model state per rank ({'/'.join(map(str, sorted(ranks)))} ranks)")
     memory.legend(fontsize=7)
-
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 CURVE_SCORES = {  # held-out score -> its chance level's tag (None: no chance level to draw)
@@ -135,8 +139,4 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
     held_out.set_ylabel("held-out score (dashed: chance)")
     held_out.set_title("held-out scores at each evaluation")
     held_out.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
