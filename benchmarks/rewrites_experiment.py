@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from opt_ds.bench.plain import train_plain
 from opt_ds.data import build_shards
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-from opt_ds.evaluation import embed_eval_set, eval_batches, retrieval
+from opt_ds.evaluate.retrieval import embed_eval_set, eval_batches, retrieval
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
-from opt_ds.plain_loop import train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskScheduler
 
 ARMS = {"no rewrites": (0, 0), "3 hard negatives": (0, 3), "1 paraphrase + 3 hard negatives": (1, 3)}
@@ -34,7 +34,9 @@ def train(work: Path, paraphrases: int, hard_negatives: int, steps: int, start: 
     if start is not None:
         model.load_state_dict(start)
     decode = DecodeConfig(**DECODE, paraphrases_per_sample=paraphrases, hard_negatives_per_sample=hard_negatives)
-    loader = make_loader([SourceConfig("train", str(work / "train"))], decode, ReaderConfig(batch_size=32, num_workers=1))
+    loader = make_loader(
+        [SourceConfig("train", str(work / "train"))], decode, ReaderConfig(batch_size=32, num_workers=1)
+    )
     scheduler = TaskScheduler(ScheduleConfig(mode="sum", stages=[StageConfig("c", {"contrastive": 1.0})]), set(TASKS))
     began = time.perf_counter()
     train_plain(model, loader, scheduler, steps=steps, lr=1e-3)
@@ -55,8 +57,20 @@ def main() -> None:
     args = parser.parse_args()
     for name, num, seed in (("train", 2000, 0), ("eval", 300, 7)):
         if not (args.work / name / "sizes.json").exists():
-            build_shards.main(["synthetic", "--num", str(num), "--seed", str(seed), "--max-samples", "250",
-                               "--out", str(args.work / name), "--quiet"])
+            build_shards.main(
+                [
+                    "synthetic",
+                    "--num",
+                    str(num),
+                    "--seed",
+                    str(seed),
+                    "--max-samples",
+                    "250",
+                    "--out",
+                    str(args.work / name),
+                    "--quiet",
+                ]
+            )
     base, seconds = train(args.work, 0, 0, args.pretrain_steps, None)
     print(f"pre-trained {args.pretrain_steps} steps without rewrites in {seconds:.0f} s")
     start = {k: v.clone() for k, v in base.state_dict().items()}
@@ -64,11 +78,18 @@ def main() -> None:
     for name, (paraphrases, hard_negatives) in ARMS.items():
         model, seconds = train(args.work, paraphrases, hard_negatives, args.steps, start)
         rows.append((f"+{args.steps} steps, {name}", scores(model, args.work), seconds))
-    print("| run | image->text hard-negative acc | audio->text hard-negative acc | image->text R@1 | text->image R@1 "
-          "| audio->text R@1 | s |\n|---|---|---|---|---|---|---|")
+    print(
+        "| run | image->text hard-negative acc | audio->text hard-negative acc | image->text R@1 | text->image R@1 "
+        "| audio->text R@1 | s |\n|---|---|---|---|---|---|---|"
+    )
     for name, s, seconds in rows:
-        keys = ("image->text/hard_negative_acc", "audio->text/hard_negative_acc", "image->text/R@1", "text->image/R@1",
-                "audio->text/R@1")
+        keys = (
+            "image->text/hard_negative_acc",
+            "audio->text/hard_negative_acc",
+            "image->text/R@1",
+            "text->image/R@1",
+            "audio->text/R@1",
+        )
         print(f"| {name} | " + " | ".join(f"{s['eval/' + k]:.3f}" for k in keys) + f" | {seconds:.0f} |")
 
 

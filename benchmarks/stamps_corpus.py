@@ -49,8 +49,11 @@ def description(text_file: Path) -> str | None:
 def flat_picture(path: Path) -> Image.Image:
     """The stamp on white, padded to a square, SIDE px (SVGs rasterised by rsvg-convert)."""
     if path.suffix == ".svg":
-        png = subprocess.run(["rsvg-convert", "--keep-aspect-ratio", "--width", str(SIDE * 2), str(path)],
-                             check=True, capture_output=True).stdout
+        png = subprocess.run(
+            ["rsvg-convert", "--keep-aspect-ratio", "--width", str(SIDE * 2), str(path)],
+            check=True,
+            capture_output=True,
+        ).stdout
         picture = Image.open(io.BytesIO(png))
     else:
         picture = Image.open(path)
@@ -90,8 +93,16 @@ def write_manifests(stamps: Path, out: Path) -> dict[str, Path]:
         flat_picture(stamp).save(picture, quality=90)
         audio, speaker = speech(stamp, text, files / f"{key}.wav")
         split = "eval" if _hash(str(relative)) % 1000 < EVAL_SHARE * 1000 else "train"
-        rows[split].append({"key": key, "image": str(picture.resolve()), "audio": str(audio.resolve()),
-                            "text": text, "label_name": relative.parts[0], "speech": speaker})
+        rows[split].append(
+            {
+                "key": key,
+                "image": str(picture.resolve()),
+                "audio": str(audio.resolve()),
+                "text": text,
+                "label_name": relative.parts[0],
+                "speech": speaker,
+            }
+        )
     manifests = {}
     for split, split_rows in rows.items():
         manifests[split] = out / f"{split}.csv"
@@ -110,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stamps.is_dir():
         raise SystemExit(f"{args.stamps}: no Tux Paint stamps here (apt-get install tuxpaint-stamps-default)")
     for split, manifest in write_manifests(args.stamps, args.out).items():
-        build_shards.main(["manifest", "--file", str(manifest), "--max-samples", "200", "--out",
-                           str(args.out / split), "--quiet"])
+        build_shards.main(
+            ["manifest", "--file", str(manifest), "--max-samples", "200", "--out", str(args.out / split), "--quiet"]
+        )
     return 0
 
 

@@ -1,7 +1,8 @@
 """Which tower makes opt_ds's alignment differ from open_clip's? Swap them, one process, one data order.
 
 Trains image-text contrastive models whose text and vision towers each come from opt_ds (BERT with its
-[CLS] or its mean token, on BERT's WordPiece ids or on open_clip's BPE ids; the timm ViT) or from open_clip 3.3.0 (its causal text transformer pooled at the end
+[CLS] or its mean token, on BERT's WordPiece ids or on open_clip's BPE ids;
+the timm ViT) or from open_clip 3.3.0 (its causal text transformer pooled at the end
 token; its ViT), all at the `tiny` sizes (2 layers x 128, 64 px, 8 px patches), with one loss, optimiser,
 schedule and batch order, and scores each on held-out samples by opt_ds's retrieval rule. Everything but the
 towers is held fixed, so a difference between rows is the towers'.
@@ -27,15 +28,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opt_ds.bench_learning import OPEN_CLIP_VOCAB, PEER_MODEL, ensure_open_clip, peer_model_config, synthetic_image_text
+from opt_ds.bench.learning import synthetic_image_text
+from opt_ds.bench.open_clip_peer import OPEN_CLIP_VOCAB, PEER_MODEL, ensure_open_clip, peer_model_config
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
-from opt_ds.engine import parameter_groups
+from opt_ds.evaluate.scoring import recall_at, same_caption
 from opt_ds.model.config import load_model_config
 from opt_ds.model.encoders import TextEncoder, VisionEncoder, mean_pool
-from opt_ds.scoring import recall_at, same_caption
+from opt_ds.zero.engine import parameter_groups
 
-VARIANTS = ("open_clip/open_clip", "bert_cls/timm", "bert_mean/timm", "open_clip/timm", "bert_cls/open_clip",
-            "bert_cls_bpe/timm")
+VARIANTS = (
+    "open_clip/open_clip",
+    "bert_cls/timm",
+    "bert_mean/timm",
+    "open_clip/timm",
+    "bert_cls/open_clip",
+    "bert_cls_bpe/timm",
+)
 TEXT_TOKENS = 24
 
 
@@ -73,7 +81,11 @@ class SwappedTowers(nn.Module):
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.clip.encode_image(images) if self.vision_kind == "open_clip" else self.vision_proj(self.vision(images)[:, 0])
+        out = (
+            self.clip.encode_image(images)
+            if self.vision_kind == "open_clip"
+            else self.vision_proj(self.vision(images)[:, 0])
+        )
         return F.normalize(out.float(), dim=-1)
 
 
@@ -86,17 +98,24 @@ def run_variant(variant: str, seed: int, data: dict, steps: int, batch: int) -> 
     text, vision = variant.split("/")
     torch.manual_seed(seed)
     model = SwappedTowers(text, vision, open_clip.create_model(PEER_MODEL))
-    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay=0.1, lr=5e-4, lr_scale={}), lr=5e-4,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, weight_decay=0.1, lr=5e-4, lr_scale={}), lr=5e-4, betas=(0.9, 0.98), eps=1e-6
+    )
     warmup = 30
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
+    )
     ids = "open_clip_text" if text.startswith("open_clip") or text.endswith("_bpe") else "bert_text"
-    order = torch.cat([torch.randperm(len(data["images"]), generator=torch.Generator().manual_seed(1234 + epoch))
-                       for epoch in range(steps * batch // len(data["images"]) + 1)])  # one order for every variant
+    order = torch.cat(
+        [
+            torch.randperm(len(data["images"]), generator=torch.Generator().manual_seed(1234 + epoch))
+            for epoch in range(steps * batch // len(data["images"]) + 1)
+        ]
+    )  # one order for every variant
     start = time.time()
     for step in range(steps):
-        rows = order[step * batch:(step + 1) * batch]
+        rows = order[step * batch : (step + 1) * batch]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             image, caption = model.encode_image(data["images"][rows]), model.encode_text(*(t[rows] for t in data[ids]))
         logits = model.logit_scale.clamp(0, math.log(100)).exp() * image @ caption.t()
@@ -111,9 +130,14 @@ def run_variant(variant: str, seed: int, data: dict, steps: int, batch: int) -> 
         image = model.encode_image(data["eval_images"])
         caption = model.encode_text(*data[f"eval_{ids}"])
     correct = same_caption(data["eval_captions"])
-    return {"variant": variant, "seed": seed, "text->image/R@1": round(recall_at(caption @ image.t(), correct, (1,))[1], 3),
-            "image->text/R@1": round(recall_at(image @ caption.t(), correct, (1,))[1], 3),
-            "final_loss": round(loss.item(), 3), "seconds": round(time.time() - start)}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "text->image/R@1": round(recall_at(caption @ image.t(), correct, (1,))[1], 3),
+        "image->text/R@1": round(recall_at(image @ caption.t(), correct, (1,))[1], 3),
+        "final_loss": round(loss.item(), 3),
+        "seconds": round(time.time() - start),
+    }
 
 
 def load_data(train: Path, eval_shards: Path) -> dict:
@@ -126,11 +150,16 @@ def load_data(train: Path, eval_shards: Path) -> dict:
     for prefix, shards in (("", train), ("eval_", eval_shards)):
         pairs = read_pairs(shards)
         captions = [c for _, c in pairs]
-        bert = decoder.tokenizer(captions, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+        bert = decoder.tokenizer(
+            captions, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+        )
         clip_ids = clip_tokenizer(captions)
-        data |= {f"{prefix}images": torch.stack([decoder.image(jpg) for jpg, _ in pairs]), f"{prefix}captions": captions,
-                 f"{prefix}bert_text": (bert["input_ids"], bert["attention_mask"].bool()),
-                 f"{prefix}open_clip_text": (clip_ids, clip_ids != 0)}
+        data |= {
+            f"{prefix}images": torch.stack([decoder.image(jpg) for jpg, _ in pairs]),
+            f"{prefix}captions": captions,
+            f"{prefix}bert_text": (bert["input_ids"], bert["attention_mask"].bool()),
+            f"{prefix}open_clip_text": (clip_ids, clip_ids != 0),
+        }
     return data
 
 
@@ -146,8 +175,9 @@ def main() -> None:
     sys.path.insert(0, str(ensure_open_clip()))
     import open_clip
 
-    open_clip.add_model_config(str(peer_model_config(args.work / "open_clip_configs", "tiny",
-                                                     load_model_config("tiny").contrastive_dim)))
+    open_clip.add_model_config(
+        str(peer_model_config(args.work / "open_clip_configs", "tiny", load_model_config("tiny").contrastive_dim))
+    )
     data = load_data(train, eval_shards)
     for variant in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):

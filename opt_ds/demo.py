@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from opt_ds.data import build_shards
-from opt_ds.launch import free_port
+from opt_ds.dist.launch import free_port
 
 DEMO_DATA = Path("demo_data")
 DEMO_RUN = Path("demo_run")
@@ -34,8 +34,22 @@ def run(*cmd: str) -> None:
 
 
 def train(config: str, output: Path, *extra: str) -> None:
-    run("deepspeed", "--num_gpus", str(RANKS), "--master_port", str(free_port()), "--module", "opt_ds.train",
-        "--config", config, "--output", str(output), "--resume", "auto", *extra)
+    run(
+        "deepspeed",
+        "--num_gpus",
+        str(RANKS),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "opt_ds.train",
+        "--config",
+        config,
+        "--output",
+        str(output),
+        "--resume",
+        "auto",
+        *extra,
+    )
 
 
 def main() -> int:
@@ -47,10 +61,26 @@ def main() -> int:
     vqvae = DEMO_RUN / "vqvae.safetensors"
     if not vqvae.is_file():
         train("opt_ds/configs/vqvae_tiny.yaml", DEMO_RUN / "vqvae")
-        run(sys.executable, "-m", "opt_ds.export", "--checkpoint", str(DEMO_RUN / "vqvae" / "checkpoints"), "--out", str(vqvae))
+        run(
+            sys.executable,
+            "-m",
+            "opt_ds.export",
+            "--checkpoint",
+            str(DEMO_RUN / "vqvae" / "checkpoints"),
+            "--out",
+            str(vqvae),
+        )
     train("opt_ds/configs/demo.yaml", DEMO_RUN / "pretrain", "--set", f"image_tokenizer={vqvae}")
     weights = DEMO_RUN / "opt_tiny.safetensors"
-    run(sys.executable, "-m", "opt_ds.export", "--checkpoint", str(DEMO_RUN / "pretrain" / "checkpoints"), "--out", str(weights))
+    run(
+        sys.executable,
+        "-m",
+        "opt_ds.export",
+        "--checkpoint",
+        str(DEMO_RUN / "pretrain" / "checkpoints"),
+        "--out",
+        str(weights),
+    )
     run(sys.executable, "-m", "opt_ds.evaluate", "--weights", str(weights), "--shards", str(DEMO_DATA / "eval"))
     print(f"\nrun directory: {DEMO_RUN / 'pretrain'} (config.yaml, checkpoints/, logs/, summary.json)")
     print(f"TensorBoard:   tensorboard --logdir {DEMO_RUN}")

@@ -17,7 +17,11 @@ def main() -> int:
 
     for name in OPS:
         builder = get_accelerator().create_op_builder(name)
-        if builder is None or type(builder).__name__ == "NotImplementedBuilder" or not builder.is_compatible(verbose=False):
+        if (
+            builder is None
+            or type(builder).__name__ == "NotImplementedBuilder"
+            or not builder.is_compatible(verbose=False)
+        ):
             print(f"{name}: not available on {get_accelerator().device_name()}, skipped")
             continue
         builder.load(verbose=False)

@@ -2,89 +2,28 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from opt_ds.launch import free_port  # noqa: F401  (re-exported for the tests)
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m module args` from the repo root under a time bound."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from helpers import run_module
 
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """60 triplets in 6 shards of 10."""
     out = tmp_path_factory.mktemp("data") / "triplets"
-    run_module("opt_ds.data.build_shards", "synthetic", "--num", "60", "--max-samples", "10",
-               "--out", str(out), "--quiet", "--audio-seconds", "1.0")
+    run_module(
+        "opt_ds.data.build_shards",
+        "synthetic",
+        "--num",
+        "60",
+        "--max-samples",
+        "10",
+        "--out",
+        str(out),
+        "--quiet",
+        "--audio-seconds",
+        "1.0",
+    )
     return out
-
-
-def spawn_gloo_ranks(target, out_dir: Path, ranks: int = 2, timeout: float = 120) -> None:
-    """Run target(rank, port, out_dir) in `ranks` spawned processes that share a free port; all must exit 0."""
-    spawn = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [spawn.Process(target=target, args=(r, port, str(out_dir))) for r in range(ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * ranks
-
-
-def join_gloo_group(rank: int, port: int, world_size: int = 2) -> None:
-    """Inside a spawned rank: the environment DeepSpeed reads, and the gloo process group."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-
-
-def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run a (multi-process) command in its own session; on timeout kill the whole group, never leave ranks behind."""
-    import signal
-
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-5000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a failed run
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-
-
-def train_ranks(ranks: int, *args: str, timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N --module opt_ds.train ...` on a free port (CPU: N ranks, gloo)."""
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-           "--module", "opt_ds.train", *args]
-    proc = run_bounded(cmd, timeout)
-    if proc.returncode != expect:
-        raise AssertionError(f"training exited {proc.returncode}, expected {expect}:\n{proc.stdout[-6000:]}")
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, f"DeepSpeed's shm all-reduce buffers left in /dev/shm (RAM): {leaked}"
-    return proc

@@ -19,7 +19,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from conftest import run_module
+from helpers import run_module
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
@@ -61,6 +61,7 @@ def image_bytes(size=(40, 30), fmt="JPEG") -> bytes:
 
 # --- builder -------------------------------------------------------------------------------------
 
+
 def test_synthetic_builder_bounds_shards_and_writes_sizes(synthetic_shards):
     shards = sorted(synthetic_shards.glob("*.tar"))
     sizes = json.loads((synthetic_shards / "sizes.json").read_text())
@@ -78,12 +79,24 @@ def test_synthetic_is_deterministic():
 
 
 def test_builder_refuses_non_empty_out(synthetic_shards):
-    proc = run_module("opt_ds.data.build_shards", "synthetic", "--num", "2", "--out", str(synthetic_shards), check=False)
+    proc = run_module(
+        "opt_ds.data.build_shards", "synthetic", "--num", "2", "--out", str(synthetic_shards), check=False
+    )
     assert proc.returncode != 0 and "already holds .tar shards" in proc.stderr
 
 
 def test_max_bytes_bounds_shards(tmp_path):
-    run_module("opt_ds.data.build_shards", "synthetic", "--num", "12", "--max-bytes", "30000", "--out", str(tmp_path), "--quiet")
+    run_module(
+        "opt_ds.data.build_shards",
+        "synthetic",
+        "--num",
+        "12",
+        "--max-bytes",
+        "30000",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    )
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     assert sum(sizes.values()) == 12 and len(sizes) >= 3
     for name in sizes:  # bound is checked before each write: a shard passes it by at most one sample
@@ -98,15 +111,44 @@ def test_narratives_builder_counts_missing_files(tmp_path):
     (images / "img2.jpg").write_bytes(image_bytes())
     (audio / "voice" / "a1.ogg").write_bytes(audio_bytes("ogg"))
     records = [
-        {"dataset_id": "open_images", "image_id": "img1", "annotator_id": 3, "caption": "a red box", "voice_recording": "voice/a1.ogg"},
-        {"dataset_id": "open_images", "image_id": "img2", "annotator_id": 3, "caption": "another red box", "voice_recording": "voice/missing.ogg"},
-        {"dataset_id": "open_images", "image_id": "img3", "annotator_id": 5, "caption": "no picture", "voice_recording": "voice/a1.ogg"},
+        {
+            "dataset_id": "open_images",
+            "image_id": "img1",
+            "annotator_id": 3,
+            "caption": "a red box",
+            "voice_recording": "voice/a1.ogg",
+        },
+        {
+            "dataset_id": "open_images",
+            "image_id": "img2",
+            "annotator_id": 3,
+            "caption": "another red box",
+            "voice_recording": "voice/missing.ogg",
+        },
+        {
+            "dataset_id": "open_images",
+            "image_id": "img3",
+            "annotator_id": 5,
+            "caption": "no picture",
+            "voice_recording": "voice/a1.ogg",
+        },
     ]
     jsonl = tmp_path / "ln.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "shards"
-    proc = run_module("opt_ds.data.build_shards", "narratives", "--jsonl", str(jsonl), "--images", str(images),
-                      "--audio", str(audio), "--out", str(out), "--quiet")
+    proc = run_module(
+        "opt_ds.data.build_shards",
+        "narratives",
+        "--jsonl",
+        str(jsonl),
+        "--images",
+        str(images),
+        "--audio",
+        str(audio),
+        "--out",
+        str(out),
+        "--quiet",
+    )
     summary = proc.stdout.strip().splitlines()[-1]
     assert "wrote 3 samples" in summary and "missing_audio: 1" in summary and "missing_image: 1" in summary
     batches, _ = read_all(out)
@@ -125,19 +167,47 @@ def test_narratives_are_cut_into_utterance_windows_whose_audio_and_caption_agree
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "img1.jpg").write_bytes(image_bytes())
     (tmp_path / "n.wav").write_bytes(audio_bytes("wav", seconds=6.0))
-    timed = [{"utterance": "In this image", "start_time": 0.0, "end_time": 1.5},
-             {"utterance": "we can see a box", "start_time": 1.5, "end_time": 3.0},
-             {"utterance": "which is red", "start_time": 3.2, "end_time": 4.5},
-             {"utterance": "on a table.", "start_time": 4.5, "end_time": 6.0}]
+    timed = [
+        {"utterance": "In this image", "start_time": 0.0, "end_time": 1.5},
+        {"utterance": "we can see a box", "start_time": 1.5, "end_time": 3.0},
+        {"utterance": "which is red", "start_time": 3.2, "end_time": 4.5},
+        {"utterance": "on a table.", "start_time": 4.5, "end_time": 6.0},
+    ]
     traces = [[{"x": 0.1, "y": 0.2, "t": 0.5}, {"x": 0.3, "y": 0.2, "t": 3.5}], [{"x": 0.5, "y": 0.5, "t": 5.0}]]
-    records = [{"image_id": "img1", "annotator_id": 1, "caption": "In this image we can see a box which is red on a table.",
-                "voice_recording": "n.wav", "timed_caption": timed, "traces": traces},
-               {"image_id": "img1", "annotator_id": 2, "caption": "a box", "voice_recording": "n.wav",
-                "timed_caption": [{"utterance": "a box"}]}]
+    records = [
+        {
+            "image_id": "img1",
+            "annotator_id": 1,
+            "caption": "In this image we can see a box which is red on a table.",
+            "voice_recording": "n.wav",
+            "timed_caption": timed,
+            "traces": traces,
+        },
+        {
+            "image_id": "img1",
+            "annotator_id": 2,
+            "caption": "a box",
+            "voice_recording": "n.wav",
+            "timed_caption": [{"utterance": "a box"}],
+        },
+    ]
     jsonl = tmp_path / "ln.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    proc = run_module("opt_ds.data.build_shards", "narratives", "--jsonl", str(jsonl), "--images", str(tmp_path / "images"),
-                      "--audio", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet", "--window-seconds", "3")
+    proc = run_module(
+        "opt_ds.data.build_shards",
+        "narratives",
+        "--jsonl",
+        str(jsonl),
+        "--images",
+        str(tmp_path / "images"),
+        "--audio",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--window-seconds",
+        "3",
+    )
     assert "wrote 3 samples" in proc.stdout and "bad_timed_caption: 1" in proc.stdout, proc.stdout
     members = {}
     with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
@@ -150,7 +220,9 @@ def test_narratives_are_cut_into_utterance_windows_whose_audio_and_caption_agree
     assert soundfile.info(io.BytesIO(members["ln_img1_1_w1.flac"])).duration == pytest.approx(2.8, abs=0.01)
     assert second["timed_caption"][0] == {"utterance": "which is red", "start_time": 0.0, "end_time": 1.3}
     assert first["traces"] == [[{"x": 0.1, "y": 0.2, "t": 0.5}]] and len(second["traces"]) == 2
-    assert "ln_img1_2.wav" in members and json.loads(members["ln_img1_2.json"])["timed_caption"] == [{"utterance": "a box"}]
+    assert "ln_img1_2.wav" in members and json.loads(members["ln_img1_2.json"])["timed_caption"] == [
+        {"utterance": "a box"}
+    ]
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
@@ -158,10 +230,12 @@ def test_manifest_builder(tmp_path, kind):
     (tmp_path / "a.png").write_bytes(image_bytes(fmt="PNG"))
     (tmp_path / "b.wav").write_bytes(audio_bytes("wav"))
     rewrite = "a blue picture" if kind == "csv" else ["a blue picture"]  # a CSV cell holds one rewrite
-    rows = [{"image": "a.png", "audio": "", "text": "a red picture", "hard_negatives": rewrite},
-            {"image": "", "audio": "b.wav", "text": "", "hard_negatives": ""},
-            {"image": "", "audio": "", "text": "just text", "hard_negatives": ""},
-            {"image": "", "audio": "", "text": "  ", "hard_negatives": ""}]
+    rows = [
+        {"image": "a.png", "audio": "", "text": "a red picture", "hard_negatives": rewrite},
+        {"image": "", "audio": "b.wav", "text": "", "hard_negatives": ""},
+        {"image": "", "audio": "", "text": "just text", "hard_negatives": ""},
+        {"image": "", "audio": "", "text": "  ", "hard_negatives": ""},
+    ]
     path = tmp_path / f"m.{kind}"
     if kind == "csv":
         with path.open("w", newline="") as f:
@@ -170,15 +244,20 @@ def test_manifest_builder(tmp_path, kind):
             w.writerows(rows)
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_module("opt_ds.data.build_shards", "manifest", "--file", str(path), "--out", str(tmp_path / "out"), "--quiet")
+    proc = run_module(
+        "opt_ds.data.build_shards", "manifest", "--file", str(path), "--out", str(tmp_path / "out"), "--quiet"
+    )
     assert "wrote 3 samples" in proc.stdout and "no_usable_modality: 1" in proc.stdout
     batches, _ = read_all(tmp_path / "out")
     b = batches[0]
     assert b["has_image"].tolist() == [True, False, False]
     assert b["has_audio"].tolist() == [False, True, False]
     assert b["captions"] == ["a red picture", "", "just text"]
-    loader = make_loader([SourceConfig("m", str(tmp_path / "out"))], DecodeConfig(hard_negatives_per_sample=1),
-                         ReaderConfig(batch_size=4, num_workers=0, max_epochs=1, shuffle_buffer=0))
+    loader = make_loader(
+        [SourceConfig("m", str(tmp_path / "out"))],
+        DecodeConfig(hard_negatives_per_sample=1),
+        ReaderConfig(batch_size=4, num_workers=0, max_epochs=1, shuffle_buffer=0),
+    )
     assert next(iter(loader))["has_rewrite"].tolist() == [[True], [False], [False]]
 
 
@@ -192,12 +271,19 @@ def test_stamps_corpus_pairs_each_drawing_with_its_description_spoken(tmp_path):
     (stamps / "animals" / "fox.txt").write_text("A red fox.\nfr.utf8=Un renard roux.\n")
     (stamps / "animals" / "fox_desc.ogg").write_bytes(audio_bytes("ogg", seconds=1.0))
     (stamps / "animals" / "fox.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
-    (stamps / "food" / "pear.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="20" height="20">'
-                                              '<circle cx="10" cy="10" r="9" fill="green"/></svg>')
+    (stamps / "food" / "pear.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="20" height="20">'
+        '<circle cx="10" cy="10" r="9" fill="green"/></svg>'
+    )
     (stamps / "food" / "pear.txt").write_text("A green pear.\n")
     Image.new("RGB", (8, 8)).save(stamps / "food" / "untold.png")
-    subprocess.run([sys.executable, "benchmarks/stamps_corpus.py", "--stamps", str(stamps), "--out", str(tmp_path / "out")],
-                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "benchmarks/stamps_corpus.py", "--stamps", str(stamps), "--out", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     members = {}
     for shard in (tmp_path / "out").glob("*/*.tar"):
         with tarfile.open(shard) as tar:
@@ -217,6 +303,7 @@ def test_stamps_corpus_pairs_each_drawing_with_its_description_spoken(tmp_path):
 
 
 # --- shard specs ---------------------------------------------------------------------------------
+
 
 def test_shard_specs(synthetic_shards, tmp_path):
     from_dir = expand_shards(str(synthetic_shards))
@@ -241,6 +328,7 @@ def test_missing_shard_is_a_startup_error_in_the_cli(tmp_path):
 
 # --- decoding ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3"])
 def test_audio_formats_decode_to_fbank(fmt):
     decoder = SampleDecoder(DecodeConfig())
@@ -261,6 +349,7 @@ def test_image_resize_crop_normalise():
 
 # --- the reader ----------------------------------------------------------------------------------
 
+
 def test_one_epoch_reads_every_sample_once(synthetic_shards):
     batches, loader = read_all(synthetic_shards, num_workers=2, shuffle_buffer=16)
     keys = keys_of(batches)
@@ -275,8 +364,13 @@ def test_one_epoch_reads_every_sample_once(synthetic_shards):
 def test_ranks_and_workers_split_without_overlap(synthetic_shards, workers):
     seen = []
     for rank in range(2):
-        loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(),
-                             ReaderConfig(batch_size=4, num_workers=workers, max_epochs=1), rank=rank, world_size=2)
+        loader = make_loader(
+            [SourceConfig("s", str(synthetic_shards))],
+            DecodeConfig(),
+            ReaderConfig(batch_size=4, num_workers=workers, max_epochs=1),
+            rank=rank,
+            world_size=2,
+        )
         seen.append(keys_of(list(loader)))
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 60
 
@@ -289,8 +383,11 @@ def test_loader_workers_start_with_iter_and_run_at_the_configured_niceness(synth
     def processes() -> set[int]:
         return {p.pid for p in psutil.Process().children(recursive=True)}
 
-    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(),
-                         ReaderConfig(batch_size=4, num_workers=2, worker_nice=7))
+    loader = make_loader(
+        [SourceConfig("s", str(synthetic_shards))],
+        DecodeConfig(),
+        ReaderConfig(batch_size=4, num_workers=2, worker_nice=7),
+    )
     before = processes()
     batches = iter(loader)
     assert len(processes() - before) >= 2  # before any next()
@@ -304,7 +401,7 @@ import signal, sys
 import psutil
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader, start_worker_server
-from opt_ds.signals import StopRequest
+from opt_ds.train.signals import StopRequest
 
 start_worker_server()
 stop = StopRequest()
@@ -320,8 +417,9 @@ def test_loader_workers_survive_slurms_usr1_to_the_whole_step(synthetic_shards):
     """The rank notes the stop and checkpoints at the next step boundary; its workers, their server and the
     resource tracker go on until then (a worker killed by the signal broke the preempted Slurm job's stream),
     and the process still exits at once."""
-    proc = subprocess.run([sys.executable, "-c", SLURM_WARNED_LOADER, str(synthetic_shards)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SLURM_WARNED_LOADER, str(synthetic_shards)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "20"], proc.stdout
     assert "resource_tracker" not in proc.stderr, proc.stderr[-3000:]
@@ -331,8 +429,13 @@ def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
     run_module("opt_ds.data.build_shards", "synthetic", "--num", "9", "--out", str(tmp_path), "--quiet")
     seen = []
     for rank in range(2):
-        loader = make_loader([SourceConfig("s", str(tmp_path))], DecodeConfig(),
-                             ReaderConfig(batch_size=2, num_workers=2, max_epochs=1), rank=rank, world_size=2)
+        loader = make_loader(
+            [SourceConfig("s", str(tmp_path))],
+            DecodeConfig(),
+            ReaderConfig(batch_size=2, num_workers=2, max_epochs=1),
+            rank=rank,
+            world_size=2,
+        )
         seen += keys_of(list(loader))
     assert sorted(seen) == [f"syn000_{i:08d}" for i in range(9)]
 
@@ -393,10 +496,24 @@ def test_state_from_another_layout_is_refused(synthetic_shards):
 
 def test_sources_mix_with_weights(tmp_path):
     for name, mods in (("text", "text"), ("image", "image")):
-        run_module("opt_ds.data.build_shards", "synthetic", "--num", "300", "--modalities", mods,
-                   "--out", str(tmp_path / name), "--quiet", "--seed", "1" if name == "text" else "2")
-    loader = make_loader([SourceConfig("text", str(tmp_path / "text"), 3.0), SourceConfig("image", str(tmp_path / "image"), 1.0)],
-                         DecodeConfig(), ReaderConfig(batch_size=10, num_workers=0))
+        run_module(
+            "opt_ds.data.build_shards",
+            "synthetic",
+            "--num",
+            "300",
+            "--modalities",
+            mods,
+            "--out",
+            str(tmp_path / name),
+            "--quiet",
+            "--seed",
+            "1" if name == "text" else "2",
+        )
+    loader = make_loader(
+        [SourceConfig("text", str(tmp_path / "text"), 3.0), SourceConfig("image", str(tmp_path / "image"), 1.0)],
+        DecodeConfig(),
+        ReaderConfig(batch_size=10, num_workers=0),
+    )
     sources: Counter[str] = Counter()
     for i, batch in enumerate(loader):
         sources.update(batch["sources"])
@@ -409,17 +526,31 @@ def test_sources_mix_with_weights(tmp_path):
 
 # --- shards from other tools, and bad input ------------------------------------------------------
 
+
 def test_img2dataset_and_audio_caption_shards_load_unchanged(tmp_path):
-    img2dataset = write_tar(tmp_path / "00000.tar", [
-        ("000000000.jpg", image_bytes()), ("000000000.txt", b"a red rectangle"),
-        ("000000000.json", json.dumps({"url": "http://x/y.jpg", "key": "000000000", "status": "success", "width": 40}).encode()),
-        ("000000001.jpg", image_bytes((64, 64))), ("000000001.txt", b"another one"),
-        ("000000001.json", json.dumps({"url": "http://x/z.jpg", "key": "000000001"}).encode()),
-    ])
-    audio_caption = write_tar(tmp_path / "audio-00000.tar", [
-        ("clip_a.flac", audio_bytes("flac")), ("clip_a.json", json.dumps({"text": "a dog barks", "duration": 0.5}).encode()),
-        ("clip_b.flac", audio_bytes("flac")), ("clip_b.json", json.dumps({"text": "rain falls"}).encode()),
-    ])
+    img2dataset = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("000000000.jpg", image_bytes()),
+            ("000000000.txt", b"a red rectangle"),
+            (
+                "000000000.json",
+                json.dumps({"url": "http://x/y.jpg", "key": "000000000", "status": "success", "width": 40}).encode(),
+            ),
+            ("000000001.jpg", image_bytes((64, 64))),
+            ("000000001.txt", b"another one"),
+            ("000000001.json", json.dumps({"url": "http://x/z.jpg", "key": "000000001"}).encode()),
+        ],
+    )
+    audio_caption = write_tar(
+        tmp_path / "audio-00000.tar",
+        [
+            ("clip_a.flac", audio_bytes("flac")),
+            ("clip_a.json", json.dumps({"text": "a dog barks", "duration": 0.5}).encode()),
+            ("clip_b.flac", audio_bytes("flac")),
+            ("clip_b.json", json.dumps({"text": "rain falls"}).encode()),
+        ],
+    )
     (b,), _ = read_all(str(img2dataset))
     assert b["has_image"].all() and b["has_text"].all() and not b["has_audio"].any()
     assert b["captions"] == ["a red rectangle", "another one"]
@@ -430,24 +561,47 @@ def test_img2dataset_and_audio_caption_shards_load_unchanged(tmp_path):
 def test_caption_rewrites_fill_fixed_slots_and_bad_ones_are_counted(tmp_path):
     """K = paraphrases + hard negatives slots per sample, whatever each sample holds (ranks share one shape);
     a malformed rewrite field is counted and the rest of its sample kept."""
-    members = [("full.txt", b"two red circles"),
-               ("full.json", json.dumps({"paraphrases": ["a picture of two red circles", "there are two red circles here"],
-                                         "hard_negatives": ["two blue circles", "three red circles", "two red squares"]}).encode()),
-               ("csvrow.txt", b"one cat"), ("csvrow.json", json.dumps({"hard_negatives": "one dog"}).encode()),
-               ("plain.txt", b"no rewrites"),
-               ("imageonly.jpg", image_bytes()), ("imageonly.json", json.dumps({"paraphrases": ["ignored: no caption"]}).encode()),
-               ("malformed.txt", b"kept anyway"), ("malformed.json", json.dumps({"paraphrases": [3]}).encode())]
+    members = [
+        ("full.txt", b"two red circles"),
+        (
+            "full.json",
+            json.dumps(
+                {
+                    "paraphrases": ["a picture of two red circles", "there are two red circles here"],
+                    "hard_negatives": ["two blue circles", "three red circles", "two red squares"],
+                }
+            ).encode(),
+        ),
+        ("csvrow.txt", b"one cat"),
+        ("csvrow.json", json.dumps({"hard_negatives": "one dog"}).encode()),
+        ("plain.txt", b"no rewrites"),
+        ("imageonly.jpg", image_bytes()),
+        ("imageonly.json", json.dumps({"paraphrases": ["ignored: no caption"]}).encode()),
+        ("malformed.txt", b"kept anyway"),
+        ("malformed.json", json.dumps({"paraphrases": [3]}).encode()),
+    ]
     write_tar(tmp_path / "r-0.tar", members)
     decode = DecodeConfig(paraphrases_per_sample=1, hard_negatives_per_sample=2)
-    loader = make_loader([SourceConfig("s", str(tmp_path / "r-0.tar"))], decode,
-                         ReaderConfig(batch_size=8, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0))
+    loader = make_loader(
+        [SourceConfig("s", str(tmp_path / "r-0.tar"))],
+        decode,
+        ReaderConfig(batch_size=8, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0),
+    )
     (b,) = list(loader)
     assert b["keys"] == ["full", "csvrow", "plain", "imageonly", "malformed"]
     assert b["rewrite_ids"].shape[:2] == (5, 3) and b["rewrite_mask"].shape == b["rewrite_ids"].shape
-    assert b["has_rewrite"].tolist() == [[True, True, True], [False, True, False], [False] * 3, [False] * 3, [False] * 3]
+    assert b["has_rewrite"].tolist() == [
+        [True, True, True],
+        [False, True, False],
+        [False] * 3,
+        [False] * 3,
+        [False] * 3,
+    ]
     assert b["rewrite_positive"].tolist() == [[True, False, False]] * 5
     tok = SampleDecoder(decode).tokenizer
-    words = [tok.decode(ids[mask], skip_special_tokens=True) for ids, mask in zip(b["rewrite_ids"][0], b["rewrite_mask"][0])]
+    words = [
+        tok.decode(ids[mask], skip_special_tokens=True) for ids, mask in zip(b["rewrite_ids"][0], b["rewrite_mask"][0])
+    ]
     assert words == ["a picture of two red circles", "two blue circles", "three red circles"]
     assert tok.decode(b["rewrite_ids"][1, 1][b["rewrite_mask"][1, 1]], skip_special_tokens=True) == "one dog"
     assert not b["rewrite_mask"][2:].any()
@@ -461,13 +615,19 @@ def test_synthetic_rewrites_change_one_attribute():
 
     def attributes(caption: str) -> tuple[str, ...]:
         words = caption.split()
-        return (next(w for w in words if w in COUNTS), next(w for w in words if w in COLOURS),
-                next(s for s in SHAPES for w in words if w.startswith(s)))
+        return (
+            next(w for w in words if w in COUNTS),
+            next(w for w in words if w in COLOURS),
+            next(s for s in SHAPES for w in words if w.startswith(s)),
+        )
 
     sample = synthetic_sample(3)
     meta, caption = json.loads(sample["json"]), sample["txt"].decode()
     assert meta["paraphrases"][0] != caption and attributes(meta["paraphrases"][0]) == attributes(caption)
-    changed = [[i for i, (a, b) in enumerate(zip(attributes(caption), attributes(n))) if a != b] for n in meta["hard_negatives"]]
+    changed = [
+        [i for i, (a, b) in enumerate(zip(attributes(caption), attributes(n))) if a != b]
+        for n in meta["hard_negatives"]
+    ]
     assert sorted(changed) == [[0], [1], [2]], (caption, meta["hard_negatives"])
 
 
@@ -481,21 +641,29 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
     Path("/tmp/opt_ds_unpickled").unlink(missing_ok=True)
     members = [(f"good.{ext}", data) for ext, data in good.items() if ext != "__key__"]
     members += [
-        ("badjpg.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("badjpg.txt", b"caption survives"),
+        ("badjpg.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"),
+        ("badjpg.txt", b"caption survives"),
         ("badwav.wav", b"RIFF....WAVEfmt garbage"),
         ("emptycap.txt", b"   \n"),
-        ("bomb.png", image_bytes((3000, 3000), fmt="PNG")), ("bomb.txt", b"too many pixels"),
-        ("pickled.pyd", pickle.dumps(_Exploit())), ("pickled.pth", pickle.dumps(_Exploit())),
+        ("bomb.png", image_bytes((3000, 3000), fmt="PNG")),
+        ("bomb.txt", b"too many pixels"),
+        ("pickled.pyd", pickle.dumps(_Exploit())),
+        ("pickled.pth", pickle.dumps(_Exploit())),
     ]
     write_tar(tmp_path / "bad-0.tar", members)
     # members of 512 header + 2048 data bytes: cut one inside member 5's data, one at member 8's header
-    full = write_tar(tmp_path / "whole.tar", [(f"t{i}.txt", f"caption {i:02d}".encode() * 200) for i in range(20)]).read_bytes()
+    full = write_tar(
+        tmp_path / "whole.tar", [(f"t{i}.txt", f"caption {i:02d}".encode() * 200) for i in range(20)]
+    ).read_bytes()
     (tmp_path / "bad-1.tar").write_bytes(full[: 5 * 2560 + 1000])
     (tmp_path / "bad-2.tar").write_bytes(full[: 8 * 2560])
     (tmp_path / "whole.tar").unlink()
 
-    loader = make_loader([SourceConfig("s", str(tmp_path / "bad-{0..2}.tar"))],
-                         DecodeConfig(max_image_pixels=1_000_000), ReaderConfig(batch_size=64, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0))
+    loader = make_loader(
+        [SourceConfig("s", str(tmp_path / "bad-{0..2}.tar"))],
+        DecodeConfig(max_image_pixels=1_000_000),
+        ReaderConfig(batch_size=64, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0),
+    )
     keys = keys_of(list(loader))
     skips = loader.skip_counts()
     assert "good" in keys and "badjpg" in keys and "bomb" in keys  # text part survives
@@ -508,8 +676,11 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
 
 
 def test_oversize_sample_is_skipped(synthetic_shards):
-    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(max_sample_bytes=1000),
-                         ReaderConfig(batch_size=4, num_workers=0, max_epochs=1))
+    loader = make_loader(
+        [SourceConfig("s", str(synthetic_shards))],
+        DecodeConfig(max_sample_bytes=1000),
+        ReaderConfig(batch_size=4, num_workers=0, max_epochs=1),
+    )
     assert list(loader) == [] and loader.skip_counts() == {"oversize_sample": 60}
 
 

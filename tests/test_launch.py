@@ -9,18 +9,30 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, run_bounded, run_module
-from opt_ds.hostfile import expand_nodelist, hostfile, slurm_slots
-from opt_ds.launch import discovery_method, port_for_job, slurm_env
+from helpers import free_port, run_bounded, run_module
+from opt_ds.dist.hostfile import expand_nodelist, hostfile, slurm_slots
+from opt_ds.dist.launch import discovery_method, port_for_job, slurm_env
 
-SLURM = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2",
-         "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_JOB_ID": "4242"}
+SLURM = {
+    "SLURM_NTASKS": "4",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "node[07-08]",
+    "SLURM_JOB_ID": "4242",
+}
 
 
 def test_slurm_variables_give_rank_world_and_master():
     env = slurm_env(SLURM)
-    assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_SIZE": "2", "MASTER_ADDR": "node07",
-                   "MASTER_PORT": str(port_for_job("4242"))}
+    assert env == {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_SIZE": "2",
+        "MASTER_ADDR": "node07",
+        "MASTER_PORT": str(port_for_job("4242")),
+    }
     assert slurm_env({**SLURM, "MASTER_PORT": "1234", "MASTER_ADDR": "x"})["MASTER_PORT"] == "1234"
 
 
@@ -46,10 +58,12 @@ def test_nodelists_and_hostfiles():
 
 
 def test_hostfile_cli():
-    assert run_module("opt_ds.hostfile", "--nodes", "n[1-2]", "--slots", "2").stdout == "n1 slots=2\nn2 slots=2\n"
-    out = run_module("opt_ds.hostfile", "--slurm", env={"SLURM_JOB_NODELIST": "c[3-4]", "SLURM_NTASKS_PER_NODE": "1"}).stdout
+    assert run_module("opt_ds.dist.hostfile", "--nodes", "n[1-2]", "--slots", "2").stdout == "n1 slots=2\nn2 slots=2\n"
+    out = run_module(
+        "opt_ds.dist.hostfile", "--slurm", env={"SLURM_JOB_NODELIST": "c[3-4]", "SLURM_NTASKS_PER_NODE": "1"}
+    ).stdout
     assert out == "c3 slots=1\nc4 slots=1\n"
-    proc = run_module("opt_ds.hostfile", "--slurm", check=False, env={"SLURM_JOB_NODELIST": ""})
+    proc = run_module("opt_ds.dist.hostfile", "--slurm", check=False, env={"SLURM_JOB_NODELIST": ""})
     assert proc.returncode == 2
 
 
@@ -59,12 +73,20 @@ def test_hostfile_cli():
 @pytest.fixture(scope="module")
 def small_config(tmp_path_factory, synthetic_shards) -> Path:
     path = tmp_path_factory.mktemp("launch") / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": "tiny",
-        "data": {"sources": [{"name": "t", "shards": str(synthetic_shards)}],
-                 "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16}, "reader": {"batch_size": 2, "num_workers": 0}},
-        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
-        "train": {"steps": 2, "log_every": 1, "save_every": 0}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny",
+                "data": {
+                    "sources": [{"name": "t", "shards": str(synthetic_shards)}],
+                    "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+                    "reader": {"batch_size": 2, "num_workers": 0},
+                },
+                "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+                "train": {"steps": 2, "log_every": 1, "save_every": 0},
+            }
+        )
+    )
     return path
 
 
@@ -79,9 +101,26 @@ def assert_world_of_two(run_dir: Path, output: str) -> None:
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is installed by make setup")
 def test_mpirun_uses_deepspeeds_mpi4py_discovery(small_config, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "TORCH_EXTENSIONS_DIR",
-           "-x", f"MASTER_PORT={free_port()}", sys.executable, "-m", "opt_ds.train", "--config", str(small_config),
-           "--output", str(run_dir)]
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        "-x",
+        "PATH",
+        "-x",
+        "TORCH_EXTENSIONS_DIR",
+        "-x",
+        f"MASTER_PORT={free_port()}",
+        sys.executable,
+        "-m",
+        "opt_ds.train",
+        "--config",
+        str(small_config),
+        "--output",
+        str(run_dir),
+    ]
     proc = run_bounded(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert_world_of_two(run_dir, proc.stdout)
@@ -92,10 +131,26 @@ def test_mpirun_uses_deepspeeds_mpi4py_discovery(small_config, tmp_path):
 def test_deepspeed_launcher_with_a_hostfile_and_openmpi(small_config, tmp_path):
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
     run_dir = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh_check",
-           "--launcher", "openmpi", "--launcher_args", "--allow-run-as-root --oversubscribe",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--module", "opt_ds.train", "--config", str(small_config), "--output", str(run_dir)]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--hostfile",
+        str(tmp_path / "hostfile"),
+        "--no_ssh_check",
+        "--launcher",
+        "openmpi",
+        "--launcher_args",
+        "--allow-run-as-root --oversubscribe",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "opt_ds.train",
+        "--config",
+        str(small_config),
+        "--output",
+        str(run_dir),
+    ]
     proc = run_bounded(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert_world_of_two(run_dir, proc.stdout)
@@ -104,8 +159,19 @@ def test_deepspeed_launcher_with_a_hostfile_and_openmpi(small_config, tmp_path):
 @pytest.mark.slow
 def test_torchrun(small_config, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "opt_ds.train", "--config", str(small_config), "--output", str(run_dir)]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "opt_ds.train",
+        "--config",
+        str(small_config),
+        "--output",
+        str(run_dir),
+    ]
     proc = run_bounded(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert_world_of_two(run_dir, proc.stdout)

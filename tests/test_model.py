@@ -10,8 +10,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import run_module
-from opt_ds.dataclass_config import ConfigError
+from helpers import run_module
+from opt_ds.config.fields import ConfigError
 from opt_ds.model.config import load_model_config, model_config_names
 from opt_ds.model.generate import filter_logits, generate_image_tokens, generate_text
 from opt_ds.model.opt import OPTModel, parameter_counts
@@ -62,15 +62,22 @@ def test_analytic_flops_match_torch_flop_counter(tiny):
     expected = forward_flops(cfg, lengths_for(cfg, cfg.text.max_len, frames))
     counted = {}
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math backend's matmuls are visible to the counter
+
         def count(part, fn):
             with FlopCounterMode(display=False) as fc:
                 out = fn()
             counted[part] = fc.get_total_flops() / b
             return out
+
         uni = count("encoders", lambda: model.unimodal(batch))
         fused = count("fusion", lambda: model.fuse(uni, batch))
         count("text_decoder", lambda: model.text_decoder(batch["text_ids"], fused.tokens, fused.valid))
-        count("image_decoder", lambda: model.image_decoder(torch.zeros(b, cfg.vision.grid**2, dtype=torch.long), fused.tokens, fused.valid))
+        count(
+            "image_decoder",
+            lambda: model.image_decoder(
+                torch.zeros(b, cfg.vision.grid**2, dtype=torch.long), fused.tokens, fused.valid
+            ),
+        )
     expected["encoders"] = expected["text"] + expected["vision"] + expected["audio"]
     for part, flops in counted.items():
         assert flops == pytest.approx(expected[part], rel=0.02), part
@@ -78,16 +85,18 @@ def test_analytic_flops_match_torch_flop_counter(tiny):
 
 def test_step_flops_count_the_caption_rewrites_the_contrastive_task_encodes(tiny):
     """Rewrite slots add text-encoder rows: the FLOP estimate grows by what torch's counter sees them cost."""
-    from opt_ds.metrics import step_flops
     from opt_ds.tasks import TASKS, TaskContext, step_generator
+    from opt_ds.train.metrics import step_flops
 
     cfg, model = tiny
     batch = fake_batch(cfg, batch=2, text_len=cfg.text.max_len, frames=cfg.audio.max_frames)
     slots = 3
-    with_rewrites = batch | {"rewrite_ids": batch["text_ids"][:, None].repeat(1, slots, 1),
-                             "rewrite_mask": batch["text_mask"][:, None].repeat(1, slots, 1),
-                             "has_rewrite": torch.ones(2, slots, dtype=torch.bool),
-                             "rewrite_positive": torch.tensor([[True, False, False]] * 2)}
+    with_rewrites = batch | {
+        "rewrite_ids": batch["text_ids"][:, None].repeat(1, slots, 1),
+        "rewrite_mask": batch["text_mask"][:, None].repeat(1, slots, 1),
+        "has_rewrite": torch.ones(2, slots, dtype=torch.bool),
+        "rewrite_positive": torch.tensor([[True, False, False]] * 2),
+    }
     task, plan = TASKS["contrastive"](), [("contrastive", 1.0)]
     counted = []
     for b in (batch, with_rewrites):
@@ -102,7 +111,16 @@ def test_model_cli_prints_json_without_allocating():
     report = json.loads(run_module("opt_ds.model", "--config", "xl", "--json").stdout)
     assert report["parameters"]["total"] == parameter_count(load_model_config("xl"))["total"]
     assert report["train_flops_per_sample"]["fusion"] == 3 * report["forward_flops_per_sample"]["fusion"]
-    assert set(report["parameters"]) == {"text", "vision", "audio", "fusion", "text_decoder", "image_decoder", "heads", "total"}
+    assert set(report["parameters"]) == {
+        "text",
+        "vision",
+        "audio",
+        "fusion",
+        "text_decoder",
+        "image_decoder",
+        "heads",
+        "total",
+    }
     table = run_module("opt_ds.model", "--config", "tiny").stdout
     assert "fusion" in table and "GFLOP" in table
 
@@ -124,7 +142,7 @@ def test_encoder_shapes_and_absent_modalities(tiny):
     batch["audio_mask"][1, 50:] = False
     with torch.no_grad():
         uni, fused = model.encode(batch)
-    n = cfg.vision.grid ** 2
+    n = cfg.vision.grid**2
     assert uni.text.shape == (3, 12, cfg.text.hidden) and uni.image.shape == (3, 1 + n, cfg.vision.hidden)
     assert uni.audio.shape == (3, 1 + 30, cfg.audio.hidden) and uni.audio_valid[1].sum() == 1 + 13
     assert fused.tokens.shape == (3, 1 + 12 + 1 + n + 31, cfg.fusion.hidden)
@@ -155,6 +173,7 @@ def test_caption_generation_shapes_and_eos(tiny, beams):
 @contextlib.contextmanager
 def favoured_word(model, token: int, from_position: int = 1):
     """The text decoder's logits give `token` +1000 from the `from_position`-th generated position on."""
+
     def favour(_module, _inputs, logits):
         if logits.shape[1] >= from_position:
             logits[:, -1, token] += 1000.0
@@ -206,9 +225,10 @@ def test_image_token_generation(tiny):
     with torch.no_grad():
         _, fused = model.encode(fake_batch(cfg))
         greedy = generate_image_tokens(model, fused)
-        sampled = generate_image_tokens(model, fused, temperature=1.0, top_k=20, top_p=0.9,
-                                        generator=torch.Generator().manual_seed(1))
-    assert greedy.shape == sampled.shape == (3, cfg.vision.grid ** 2)
+        sampled = generate_image_tokens(
+            model, fused, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1)
+        )
+    assert greedy.shape == sampled.shape == (3, cfg.vision.grid**2)
     assert greedy.max() < cfg.vq.codebook_size and sampled.max() < cfg.vq.codebook_size
     image = VQVAE(cfg.vq).decode(greedy)
     assert image.shape == (3, 3, cfg.vision.image_size, cfg.vision.image_size)
@@ -238,7 +258,9 @@ def test_text_encoder_loads_the_shipped_minilm_weights():
     cfg = load_model_config("small", {"text": {"init_from": "minilm", "max_len": 512}})
     model = OPTModel(cfg)
     from safetensors.torch import load_file
+
     from opt_ds.data.tokenizer import default_tokenizer_dir
+
     shipped = load_file(str(default_tokenizer_dir() / "model.safetensors"))
     key = next(k for k in shipped if k.endswith("word_embeddings.weight"))
     assert torch.equal(model.text.word_embeddings.weight, shipped[key])
@@ -249,10 +271,15 @@ def test_text_encoder_loads_the_shipped_minilm_weights():
 def test_vision_encoder_loads_a_timm_state_dict(tmp_path):
     import timm
     from safetensors.torch import save_file
-    vit = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=10)
+
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=10
+    )
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
     model = OPTModel(load_model_config("tiny", {"vision": {"init_from": str(tmp_path / "vit.safetensors")}}))
-    assert torch.equal(model.vision.pos_embed, vit.pos_embed) and torch.equal(model.vision.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+    assert torch.equal(model.vision.pos_embed, vit.pos_embed) and torch.equal(
+        model.vision.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight
+    )
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -272,11 +299,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_vqvae_reconstruction_improves_on_synthetic_images(synthetic_shards):
     from opt_ds.data.decode import DecodeConfig
     from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
+
     torch.manual_seed(0)
     cfg = load_model_config("tiny").vq
     vq = VQVAE(cfg).train()
     opt = torch.optim.Adam(vq.parameters(), lr=1e-3)
-    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), ReaderConfig(batch_size=16, num_workers=0))
+    loader = make_loader(
+        [SourceConfig("s", str(synthetic_shards))], DecodeConfig(), ReaderConfig(batch_size=16, num_workers=0)
+    )
     losses, used = [], []
     for step, batch in zip(range(150), loader):
         loss, metrics = vq(batch["image"])
@@ -288,4 +318,4 @@ def test_vqvae_reconstruction_improves_on_synthetic_images(synthetic_shards):
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
     assert min(used[-10:]) > 2 * used[0]  # dead-code restarts bring codes into use (simple images need few)
     codes = vq.eval().encode(batch["image"])
-    assert codes.shape == (16, cfg.grid ** 2) and vq.decode(codes).shape == batch["image"].shape
+    assert codes.shape == (16, cfg.grid**2) and vq.decode(codes).shape == batch["image"].shape

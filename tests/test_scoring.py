@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from opt_ds.scoring import caption_scores, chance_recall, recall_at, same_caption, word_error_rate
+from opt_ds.evaluate.scoring import caption_scores, chance_recall, recall_at, same_caption, word_error_rate
 
 
 def test_a_tie_with_a_wrong_candidate_is_a_miss():
@@ -23,8 +23,12 @@ def test_a_tie_with_a_wrong_candidate_is_a_miss():
 def test_a_duplicate_caption_counts_as_correct():
     captions = ["Two red squares.", "a blue circle", "two  red squares", "one cross"]
     correct = same_caption(captions)
-    assert correct.tolist() == [[True, False, True, False], [False, True, False, False],
-                                [True, False, True, False], [False, False, False, True]]
+    assert correct.tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],
+        [True, False, True, False],
+        [False, False, False, True],
+    ]
     # image 0's caption is sample 2's word for word: text 2 retrieved first is a hit, text 1 first is a miss
     scores = torch.tensor([[0.1, 0.0, 0.9, 0.0], [0.0, 0.2, 0.0, 0.8], [0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     assert recall_at(scores, correct, (1,))[1] == pytest.approx(3 / 4)
@@ -45,8 +49,9 @@ def test_chance_matches_the_mean_over_every_ranking():
 
 
 def test_caption_scores_known_values():
-    perfect = caption_scores(["two red squares here", "a big blue circle"],
-                             [["Two red squares here."], ["a big blue circle"]])
+    perfect = caption_scores(
+        ["two red squares here", "a big blue circle"], [["Two red squares here."], ["a big blue circle"]]
+    )
     assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
     wrong = caption_scores(["one cross", "one cross"], [["two red squares here"], ["a big blue circle"]])
     assert wrong["BLEU-4"] < 1e-6 and wrong["CIDEr"] == 0.0
@@ -75,11 +80,13 @@ def test_synthetic_attributes_are_read_back_from_captions_and_pictures():
             named = named_attributes(describe(count, colour, shape, template))
             assert named == {"count": ("one", "two", "three", "four")[count - 1], "colour": colour, "shape": shape}
     assert drawn_colour(np.full((64, 64, 3), 128, np.uint8)) is None  # a flat grey picture shows no colour
-    assert named_attributes("a picture of of of") == {} and named_attributes("red and blue circles") == {"shape": "circle"}
+    assert named_attributes("a picture of of of") == {} and named_attributes("red and blue circles") == {
+        "shape": "circle"
+    }
 
 
 def test_attribute_share_counts_only_references_that_name_the_attributes():
-    from opt_ds.eval_generation import attribute_share
+    from opt_ds.evaluate.generation import attribute_share
 
     generated = ["two red squares", "a picture of three", "one blue cross", "a dog"]
     references = ["two red squares", "three green circles", "four blue crosses", "a cat on a mat"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_bounded
+from helpers import REPO, run_bounded
 
 pytestmark = pytest.mark.slow
 KIT = REPO / "slurm" / "local_cluster.sh"
@@ -41,11 +41,21 @@ def test_two_slurmd_node_model(tmp_path):
         pytest.skip("the local Slurm kit runs its daemons as root")
     env = {**os.environ, "OPT_DS_SLURM_NODES": "ports"}
     try:
-        start = subprocess.run(["bash", str(KIT), "start", str(tmp_path / "c"), "2", "1"], capture_output=True,
-                               text=True, timeout=600, env=env)
+        start = subprocess.run(
+            ["bash", str(KIT), "start", str(tmp_path / "c"), "2", "1"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
         assert start.returncode == 0 and "model ports" in start.stdout, start.stdout + start.stderr
-        out = subprocess.run(["srun", "-N2", "-n2", "bash", "-c", "echo $SLURMD_NODENAME"], capture_output=True, text=True,
-                             timeout=120, env={**env, "SLURM_CONF": str(tmp_path / "c" / "etc" / "slurm.conf")})
+        out = subprocess.run(
+            ["srun", "-N2", "-n2", "bash", "-c", "echo $SLURMD_NODENAME"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "SLURM_CONF": str(tmp_path / "c" / "etc" / "slurm.conf")},
+        )
         assert sorted(out.stdout.split()) == ["n1", "n2"], out.stderr
     finally:
         subprocess.run(["bash", str(KIT), "stop", str(tmp_path / "c")], timeout=120)
@@ -77,9 +87,23 @@ def submit(cluster, name: str, config: Path, *train_args: str, launch: str = "sr
     runs = cluster["root"] / "runs"
     env = {**cluster["env"], "OPT_CONFIG": str(config), "OPT_OUTPUT": str(runs), "OPT_LAUNCH": launch}
     env.pop("MASTER_PORT", None)
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", *NO_GPU, f"--job-name={name}",
-                          f"--output={cluster['root']}/%x-%j.out", str(SBATCH), *train_args],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            *NO_GPU,
+            f"--job-name={name}",
+            f"--output={cluster['root']}/%x-%j.out",
+            str(SBATCH),
+            *train_args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0], runs / name
 
@@ -97,9 +121,11 @@ def job_output(cluster, name: str) -> str:
 def config(cluster, synthetic_shards) -> Path:
     cfg = {
         "model": "tiny",
-        "data": {"sources": [{"name": "triplets", "shards": str(synthetic_shards)}],
-                 "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
-                 "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16}},
+        "data": {
+            "sources": [{"name": "triplets", "shards": str(synthetic_shards)}],
+            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+            "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16},
+        },
         "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
         "train": {"steps": 8, "log_every": 1, "save_every": 4},

@@ -9,16 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import join_gloo_group, spawn_gloo_ranks
+from helpers import join_gloo_group, spawn_gloo_ranks
+from opt_ds.bench.plain import task_trend, train_plain
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, load_model_config
+from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
-from opt_ds.plain_loop import task_trend, train_plain
 from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
-from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.tasks.contrastive import PAIRS, Rewrites, contrastive_loss, info_nce
 from opt_ds.tasks.matching import swap_sources
 from opt_ds.tasks.token import audio_token_valid
@@ -41,8 +41,11 @@ def setup(synthetic_shards, request):
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
     rewrites = {"paraphrases_per_sample": 1, "hard_negatives_per_sample": 2} if request.param == "with_rewrites" else {}
-    loader = make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(max_audio_seconds=2.0, **rewrites),
-                         ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0))
+    loader = make_loader(
+        [SourceConfig("s", str(synthetic_shards))],
+        DecodeConfig(max_audio_seconds=2.0, **rewrites),
+        ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0),
+    )
     return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), next(iter(loader))
 
 
@@ -55,7 +58,7 @@ def test_mask_ratio_at_least_one_and_whole_modality():
     candidates = torch.zeros(2000, 40, dtype=torch.bool)
     lengths = torch.randint(1, 41, (2000,), generator=torch.Generator().manual_seed(0))
     candidates[torch.arange(40)[None, :] < lengths[:, None]] = True
-    mask = choose_mask(candidates, ctx)
+    mask = choose_mask(candidates, ctx, ratio=0.15, whole_prob=0.3)
     counts, n = mask.sum(1), candidates.sum(1)
     assert not (mask & ~candidates).any() and (counts >= 1).all()
     whole = counts == n
@@ -90,7 +93,7 @@ def test_mam_prediction_never_sees_its_target_frames(setup):
     unmasked frames do reach it. The conv stem spans 7 frames: masking after it let an unmasked neighbour carry
     3 of the 4 target frames."""
     cfg, model, vq, batch = setup
-    mask = choose_mask(audio_token_valid(batch, model), ctx_for(vq), whole_prob=0.0)
+    mask = choose_mask(audio_token_valid(batch, model), ctx_for(vq), ratio=0.15, whole_prob=0.0)
     audio = batch["audio"][:, : cfg.audio.max_frames].clone().requires_grad_(True)
     inputs = batch | {"audio": audio, "audio_mask": batch["audio_mask"][:, : cfg.audio.max_frames]}
     fused = model.fuse(model.unimodal(inputs, audio_token_mask=mask), inputs)
@@ -130,14 +133,20 @@ def _modules_run(model, fn) -> list[str]:
 def test_every_data_mix_runs_the_same_modules(setup, name):
     """ZeRO-3 gathers parameters module by module: a rank with only text must run what a triplet rank runs."""
     cfg, model, vq, batch = setup
-    text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]),
-                     audio_mask=torch.zeros_like(batch["audio_mask"]))
+    text_only = dict(
+        batch,
+        has_image=torch.zeros_like(batch["has_image"]),
+        has_audio=torch.zeros_like(batch["has_audio"]),
+        audio_mask=torch.zeros_like(batch["audio_mask"]),
+    )
     runs = []
     for b in (batch, text_only):
+
         def step():
             loss, _ = TASKS[name]()(model, b, ctx_for(vq))
             assert torch.isfinite(loss)
             loss.backward()
+
         runs.append(_modules_run(model, step))
     assert runs[0] == runs[1]
 
@@ -162,7 +171,9 @@ def test_one_encoder_pass_for_all_tasks_gives_each_task_its_own_loss_and_runs_ev
 
 def test_unpaired_batches_give_zero_loss_for_tasks_that_do_not_apply(setup):
     cfg, model, vq, batch = setup
-    text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]))
+    text_only = dict(
+        batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"])
+    )
     for name in ("mvm", "mam", "matching", "image_gen"):
         loss, _ = TASKS[name]()(model, text_only, ctx_for(vq))
         assert loss.item() == 0.0, name
@@ -175,7 +186,9 @@ def test_text_only_samples_train_the_decoder_from_a_corrupted_copy_and_paired_on
     """Unpaired text trains generation (UNIMO's text-to-text): a text-only sample's loss reaches the text
     encoder and the decoder; a paired sample's caption stays out of the encoder, so its loss does not depend on it."""
     cfg, model, vq, batch = setup
-    text_only = dict(batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"]))
+    text_only = dict(
+        batch, has_image=torch.zeros_like(batch["has_image"]), has_audio=torch.zeros_like(batch["has_audio"])
+    )
     model.zero_grad(set_to_none=True)
     loss, metrics = TASKS["text_gen"]()(model, text_only, ctx_for(vq))
     loss.backward()
@@ -184,13 +197,15 @@ def test_text_only_samples_train_the_decoder_from_a_corrupted_copy_and_paired_on
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, part).parameters()), part
     model.zero_grad(set_to_none=True)
     request, _ = TASKS["text_gen"]().prepare(model, batch, ctx_for(vq))
-    assert not (request.keep["text"] & batch["has_image"]).any() and torch.equal(request.batch["text_ids"], batch["text_ids"])
+    assert not (request.keep["text"] & batch["has_image"]).any() and torch.equal(
+        request.batch["text_ids"], batch["text_ids"]
+    )
 
 
 def test_image_gen_trains_a_tenth_of_its_samples_with_no_condition(setup):
     """Classifier-free guidance needs an unconditional decoder: image_gen leaves both partners out of the
-    fusion for about UNCONDITIONAL_SHARE of its samples and still trains on their codes."""
-    from opt_ds.tasks.generation import UNCONDITIONAL_SHARE
+    fusion for about `unconditional_share` of its samples and still trains on their codes."""
+    from opt_ds.tasks.settings import GenerationConfig
 
     cfg, model, vq, batch = setup
     task, unconditional, rows = TASKS["image_gen"](), 0, 0
@@ -199,7 +214,7 @@ def test_image_gen_trains_a_tenth_of_its_samples_with_no_condition(setup):
         free = ~request.keep["text"] & ~request.keep["audio"] & state["trained"]
         unconditional += int(free.sum())
         rows += batch["has_image"].shape[0]
-    assert abs(unconditional / rows - UNCONDITIONAL_SHARE) < 0.05
+    assert abs(unconditional / rows - GenerationConfig().unconditional_share) < 0.05
     loss, metrics = task(model, batch, ctx_for(vq))
     assert loss.item() > 0 and metrics["tokens"] > 0
 
@@ -241,7 +256,9 @@ def contrastive_rank(rank: int, port: int, out_dir: str, rewrites: bool = False)
     loss, metrics = contrastive_loss(mine, {m: h[half] for m, h in has.items()}, scale, extra)
     loss.backward()
     grads = {m: e.grad for m, e in mine.items()} | ({"rewrites": extra.emb.grad} if extra is not None else {})
-    torch.save({"loss": loss.detach(), "grads": grads, "acc": {k: v for k, v in metrics.items()}}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {"loss": loss.detach(), "grads": grads, "acc": {k: v for k, v in metrics.items()}}, f"{out_dir}/rank{rank}.pt"
+    )
     dist.destroy_process_group()
 
 
@@ -302,10 +319,16 @@ def test_text_embedding_is_the_mean_of_a_captions_real_tokens_and_a_rewrite_like
 
     _, model, _, batch = setup
     pad = 5
-    batch = batch | {"rewrite_ids": F.pad(batch["text_ids"], (0, pad))[:, None], "rewrite_mask": F.pad(batch["text_mask"], (0, pad))[:, None],
-                     "has_rewrite": batch["has_text"][:, None], "rewrite_positive": torch.ones_like(batch["has_text"])[:, None]}
+    batch = batch | {
+        "rewrite_ids": F.pad(batch["text_ids"], (0, pad))[:, None],
+        "rewrite_mask": F.pad(batch["text_mask"], (0, pad))[:, None],
+        "has_rewrite": batch["has_text"][:, None],
+        "rewrite_positive": torch.ones_like(batch["has_text"])[:, None],
+    }
     with torch.no_grad():
-        emb, _, rewrites = contrastive_embeddings(model, batch, encode_requests(model, [contrastive_request(batch)])[0][0])
+        emb, _, rewrites = contrastive_embeddings(
+            model, batch, encode_requests(model, [contrastive_request(batch)])[0][0]
+        )
         tokens, valid = model.text(batch["text_ids"], batch["text_mask"]), batch["text_mask"][..., None].float()
         by_hand = F.normalize(model.contrastive_head.proj["text"]((tokens * valid).sum(1) / valid.sum(1)), dim=-1)
     rows = batch["has_text"]
@@ -321,9 +344,14 @@ def test_matching_swaps():
 
 
 def test_scheduler_draw_depends_only_on_seed_and_step_and_follows_stages():
-    cfg = ScheduleConfig(mode="sample", seed=3, stages=[
-        StageConfig("unimodal", {"mlm": 1.0, "mvm": 1.0, "mam": 1.0}, until_step=100, isolate=True),
-        StageConfig("crossmodal", {"mlm": 1.0, "contrastive": 3.0})])
+    cfg = ScheduleConfig(
+        mode="sample",
+        seed=3,
+        stages=[
+            StageConfig("unimodal", {"mlm": 1.0, "mvm": 1.0, "mam": 1.0}, until_step=100, isolate=True),
+            StageConfig("crossmodal", {"mlm": 1.0, "contrastive": 3.0}),
+        ],
+    )
     a, b = TaskScheduler(cfg, set(TASKS)), TaskScheduler(cfg, set(TASKS))
     plans = [a.plan(s) for s in range(400)]
     assert plans == [b.plan(s) for s in range(400)]
@@ -349,14 +377,27 @@ def test_schedule_config_errors():
 @pytest.mark.slow
 def test_training_drives_every_loss_down_and_retrieval_above_chance(tmp_path):
     """300 plain-PyTorch steps on agreeing synthetic triplets, all seven tasks drawn per step."""
-    from conftest import run_module
-    run_module("opt_ds.data.build_shards", "synthetic", "--num", "1200", "--max-samples", "200",
-               "--out", str(tmp_path), "--quiet")
+    from helpers import run_module
+
+    run_module(
+        "opt_ds.data.build_shards",
+        "synthetic",
+        "--num",
+        "1200",
+        "--max-samples",
+        "200",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    )
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
     model, vq = OPTModel(cfg), VQVAE(cfg.vq).eval()
-    loader = make_loader([SourceConfig("t", str(tmp_path))], DecodeConfig(max_audio_seconds=2.0),
-                         ReaderConfig(batch_size=16, num_workers=1))
+    loader = make_loader(
+        [SourceConfig("t", str(tmp_path))],
+        DecodeConfig(max_audio_seconds=2.0),
+        ReaderConfig(batch_size=16, num_workers=1),
+    )
     weights = {name: 1.0 for name in TASKS} | {"contrastive": 3.0}
     scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), set(TASKS))
     history = train_plain(model, loader, scheduler, steps=300, lr=3e-4, image_tokenizer=vq)

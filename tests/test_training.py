@@ -13,21 +13,31 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_module, train_ranks
-from opt_ds.checkpoint import CheckpointError, find_resume, tag_for
-from opt_ds.config import load_config
-from opt_ds.dataclass_config import ConfigError
+from helpers import run_module, train_ranks
+from opt_ds.config.experiment import load_config
+from opt_ds.config.fields import ConfigError
 from opt_ds.tasks import TASKS
-
-
+from opt_ds.train.checkpoint import CheckpointError, find_resume, tag_for
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """Triplets, and a list file that gives rank 0 triplet shards and rank 1 text-, image- and audio-only ones."""
     root = tmp_path_factory.mktemp("train_data")
-    build = lambda name, *a: run_module("opt_ds.data.build_shards", "synthetic", "--out", str(root / name),  # noqa: E731
-                                        "--quiet", "--audio-seconds", "1.0", *a) and root / name
+
+    def build(name: str, *args: str) -> Path:
+        run_module(
+            "opt_ds.data.build_shards",
+            "synthetic",
+            "--out",
+            str(root / name),
+            "--quiet",
+            "--audio-seconds",
+            "1.0",
+            *args,
+        )
+        return root / name
+
     build("triplets", "--num", "96", "--max-samples", "16")
     build("eval", "--num", "24", "--seed", "5")
     for i, mods in enumerate(("text", "image", "audio")):
@@ -42,9 +52,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def write_config(path: Path, shards: dict, **sections) -> Path:
     cfg = {
         "model": "tiny",
-        "data": {"sources": [{"name": "triplets", "shards": str(shards["triplets"])}],
-                 "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
-                 "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16}},
+        "data": {
+            "sources": [{"name": "triplets", "shards": str(shards["triplets"])}],
+            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+            "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16},
+        },
         "optim": {"lr": 3e-4, "warmup_steps": 2},
         "train": {"steps": 6, "log_every": 1, "save_every": 3, "keep_last": 3},
     }
@@ -82,13 +94,24 @@ def mixed_run(data, vq_export, tmp_path_factory) -> Path:
     rewrites, which only some samples of rank 1 (its text-only ones) have."""
     root = tmp_path_factory.mktemp("mixed")
     config = write_config(
-        root / "mixed.yaml", data, image_tokenizer=str(vq_export),
-        data={"sources": [{"name": "mixed", "shards": str(data["mixed"])}], "eval_shards": str(data["eval"]),
-              "eval_samples": 24, "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16,
-                                             "paraphrases_per_sample": 1, "hard_negatives_per_sample": 2},
-              "reader": {"batch_size": 4, "num_workers": 1, "shuffle_shards": False, "shuffle_buffer": 0}},
+        root / "mixed.yaml",
+        data,
+        image_tokenizer=str(vq_export),
+        data={
+            "sources": [{"name": "mixed", "shards": str(data["mixed"])}],
+            "eval_shards": str(data["eval"]),
+            "eval_samples": 24,
+            "decode": {
+                "max_audio_seconds": 1.0,
+                "max_text_tokens": 16,
+                "paraphrases_per_sample": 1,
+                "hard_negatives_per_sample": 2,
+            },
+            "reader": {"batch_size": 4, "num_workers": 1, "shuffle_shards": False, "shuffle_buffer": 0},
+        },
         schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
-        train={"steps": 4, "log_every": 1, "save_every": 0, "generations": 2, "log_sample_keys": True})
+        train={"steps": 4, "log_every": 1, "save_every": 0, "generations": 2, "log_sample_keys": True},
+    )
     train_ranks(2, "--config", str(config), "--output", str(root / "run"))
     return root / "run"
 
@@ -98,7 +121,10 @@ def test_every_task_trains_when_ranks_see_different_modality_mixes(mixed_run):
     logs = [(mixed_run / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
     assert all("world of 2" in log for log in logs)
     assert re.search(r"ZeRO-3: [1-9]\d* leaf modules gathered whole; hooks dropped from [1-9]\d* submodules", logs[0])
-    seen = [[json.loads(line)["keys"] for line in (mixed_run / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    seen = [
+        [json.loads(line)["keys"] for line in (mixed_run / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
     assert all(k.startswith("syn000_") for batch in seen[0] for k in batch)  # rank 0: triplets only
     assert not any(k.startswith("syn000_") for batch in seen[1] for k in batch)  # rank 1: unpaired only
     tb = scalars(mixed_run)
@@ -111,13 +137,37 @@ def test_every_task_trains_when_ranks_see_different_modality_mixes(mixed_run):
 @pytest.mark.slow
 def test_tensorboard_holds_the_documented_scalars(mixed_run):
     tb = scalars(mixed_run)
-    expected = ["loss/total", "optim/lr", "optim/grad_norm", "optim/loss_scale", "optim/skipped_steps",
-                "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/data_wait_frac", "perf/text_tokens_per_s",
-                "perf/image_tokens_per_s", "perf/audio_tokens_per_s", "memory/peak_mb", "memory/transient_mb", "data/samples_seen",
-                "schedule/stage", "eval/text->image/R@1", "eval/audio->image/R@10", "eval/text->audio/R@5",
-                "contrastive/image_hard_negative_acc", "eval/image->text/hard_negative_acc", "eval/audio->text/hard_negative_acc",
-                "eval/captions_from_image/CIDEr", "eval/captions_from_audio/WER", "eval/images_from_text/R@1",
-                "eval/zero_shot/image_acc", "eval/matching/acc", "optim/clipped", "contrastive/image_audio_loss"]
+    expected = [
+        "loss/total",
+        "optim/lr",
+        "optim/grad_norm",
+        "optim/loss_scale",
+        "optim/skipped_steps",
+        "perf/samples_per_s",
+        "perf/tflops",
+        "perf/mfu",
+        "perf/data_wait_frac",
+        "perf/text_tokens_per_s",
+        "perf/image_tokens_per_s",
+        "perf/audio_tokens_per_s",
+        "memory/peak_mb",
+        "memory/transient_mb",
+        "data/samples_seen",
+        "schedule/stage",
+        "eval/text->image/R@1",
+        "eval/audio->image/R@10",
+        "eval/text->audio/R@5",
+        "contrastive/image_hard_negative_acc",
+        "eval/image->text/hard_negative_acc",
+        "eval/audio->text/hard_negative_acc",
+        "eval/captions_from_image/CIDEr",
+        "eval/captions_from_audio/WER",
+        "eval/images_from_text/R@1",
+        "eval/zero_shot/image_acc",
+        "eval/matching/acc",
+        "optim/clipped",
+        "contrastive/image_audio_loss",
+    ]
     for tag in expected:
         assert tag in tb, tag
     assert tb["perf/samples_per_s"][4] > 0 and 0 < tb["perf/mfu"][4] < 1 and tb["data/samples_seen"][4] == 2 * 4 * 4
@@ -132,20 +182,33 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
 def resume_runs(data, vq_export, tmp_path_factory) -> dict[str, Path]:
     """One 6-step run; and the same config stopped after step 3 and resumed (one-task-per-step schedule)."""
     root = tmp_path_factory.mktemp("resume")
-    config = write_config(root / "run.yaml", data, image_tokenizer=str(vq_export),
-                          train={"steps": 6, "log_every": 1, "save_every": 3, "log_sample_keys": True})
+    config = write_config(
+        root / "run.yaml",
+        data,
+        image_tokenizer=str(vq_export),
+        train={"steps": 6, "log_every": 1, "save_every": 3, "log_sample_keys": True},
+    )
     train_ranks(2, "--config", str(config), "--output", str(root / "straight"))
     train_ranks(2, "--config", str(config), "--output", str(root / "split"), "--stop-at", "3", expect=75)
     assert (root / "split" / "checkpoints" / tag_for(3) / "COMPLETE").is_file()
     shutil.copytree(root / "split", root / "split_copy")  # for the world-size test, before it is resumed here
     train_ranks(2, "--config", str(config), "--output", str(root / "split"), "--resume", "auto")
-    return {"root": root, "config": config, "straight": root / "straight", "split": root / "split",
-            "split_copy": root / "split_copy"}
+    return {
+        "root": root,
+        "config": config,
+        "straight": root / "straight",
+        "split": root / "split",
+        "split_copy": root / "split_copy",
+    }
 
 
 def keys_seen(run_dir: Path) -> list[str]:
-    return sorted(k for r in (0, 1) for line in (run_dir / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()
-                  for k in json.loads(line)["keys"])
+    return sorted(
+        k
+        for r in (0, 1)
+        for line in (run_dir / "logs" / f"keys_rank{r}.jsonl").read_text().splitlines()
+        for k in json.loads(line)["keys"]
+    )
 
 
 @pytest.mark.slow
@@ -170,22 +233,54 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
     if not weights.exists():
         run_module("opt_ds.export", "--checkpoint", str(resume_runs["straight"] / "checkpoints"), "--out", str(weights))
     out = resume_runs["root"] / "eval_out"
-    report = json.loads(run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]),
-                                   "--json", "--out", str(out), "--generate", "3", "--beams", "2").stdout)
+    report = json.loads(
+        run_module(
+            "opt_ds.evaluate",
+            "--weights",
+            str(weights),
+            "--shards",
+            str(data["eval"]),
+            "--json",
+            "--out",
+            str(out),
+            "--generate",
+            "3",
+            "--beams",
+            "2",
+        ).stdout
+    )
     assert report["samples"] == 24
     for query in ("text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"):
         assert 0 <= report["scores"][f"eval/{query}/R@1"] <= report["scores"][f"eval/{query}/R@10"] <= 1
     assert len((out / "captions.txt").read_text().splitlines()) == 3 and (out / "images.png").stat().st_size > 0
     assert (out / "grid.png").stat().st_size > 0
     scores = report["scores"]
-    for key in ("captions_from_image/BLEU-4", "captions_from_image/CIDEr", "captions_from_audio/WER",
-                "captions_from_image+audio/colour_and_shape", "images_from_text/R@1", "images_from_text/real_R@1",
-                "images_from_text/colour", "zero_shot/image_acc", "zero_shot/audio_acc", "matching/both_from_two_acc"):
+    for key in (
+        "captions_from_image/BLEU-4",
+        "captions_from_image/CIDEr",
+        "captions_from_audio/WER",
+        "captions_from_image+audio/colour_and_shape",
+        "images_from_text/R@1",
+        "images_from_text/real_R@1",
+        "images_from_text/colour",
+        "zero_shot/image_acc",
+        "zero_shot/audio_acc",
+        "matching/both_from_two_acc",
+    ):
         assert 0 <= scores[f"eval/{key}"] <= (float("inf") if key.endswith(("WER", "CIDEr")) else 1), key
     assert scores["eval/images_from_text/real_colour"] == 1.0  # the synthetic pictures show their caption's colour
     assert 0 <= scores["eval/images_from_text/tokenizer_colour"] <= 1
-    table = run_module("opt_ds.evaluate", "--weights", str(weights), "--shards", str(data["eval"]), "--generate", "0",
-                       "--hard-negatives", "3").stdout
+    table = run_module(
+        "opt_ds.evaluate",
+        "--weights",
+        str(weights),
+        "--shards",
+        str(data["eval"]),
+        "--generate",
+        "0",
+        "--hard-negatives",
+        "3",
+    ).stdout
     assert "text->image" in table and "chance R@1" in table
     assert re.search(r"image->text: own caption above all hard negatives for [01]\.\d{3} of the samples", table), table
 
@@ -211,16 +306,19 @@ def test_partial_and_missing_checkpoints_are_clear_errors(resume_runs, tmp_path)
         find_resume(tmp_path / "checkpoints", str(partial))
     with pytest.raises(CheckpointError, match="not found"):
         find_resume(tmp_path / "checkpoints", str(tmp_path / "nowhere"))
-    proc = run_module("opt_ds.export", "--checkpoint", str(partial), "--out", str(tmp_path / "x.safetensors"), check=False)
+    proc = run_module(
+        "opt_ds.export", "--checkpoint", str(partial), "--out", str(tmp_path / "x.safetensors"), check=False
+    )
     assert proc.returncode == 2 and "partial checkpoint" in proc.stderr
 
 
 def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data, tmp_path):
     from deepspeed.utils import set_z3_leaf_modules
 
-    from opt_ds.config import load_config, load_deepspeed_config
+    from opt_ds.config.experiment import load_config
     from opt_ds.model.config import load_model_config
     from opt_ds.model.opt import OPTModel
+    from opt_ds.zero.config import load_deepspeed_config
 
     ds = load_deepspeed_config(load_config(str(write_config(tmp_path / "c.yaml", data))), 80_000_000)
     zero = ds["zero_optimization"]
@@ -229,7 +327,14 @@ def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data
     model = OPTModel(load_model_config("tiny"))
     leaves = set_z3_leaf_modules(model, zero["leaf_module"]["classes"])
     names = {m: n for n, m in model.named_modules()}
-    assert {names[m].split(".")[0] for m in leaves} == {"text", "vision", "audio", "fusion", "text_decoder", "image_decoder"}
+    assert {names[m].split(".")[0] for m in leaves} == {
+        "text",
+        "vision",
+        "audio",
+        "fusion",
+        "text_decoder",
+        "image_decoder",
+    }
     assert len(leaves) == sum(1 for m in model.modules() if type(m).__name__ in ("BertLayer", "Block"))
 
 
@@ -241,23 +346,38 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
         load_config(str(write_config(tmp_path / "c.yaml", data)), ["optim.lr=fast"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stepz=3", "unknown key 'stepz'"),
-    ("train.steps=many", "train.steps: expected int"),
-    ("optim.lr=[1]", "optim.lr: expected float"),
-    ("schedule.mode=sometimes", "mode must be one of"),
-    ("deepspeed=ds_configs/none.json", "deepspeed config not found"),
-    ("data.sources=[{name: x, shards: '/nowhere/shard-{0..3}.tar'}]", "shard not found: /nowhere/shard-0.tar"),
-    ("data.sources=[{name: x, shards: /nowhere/shard-{0..3}.tar}]", "the value is not valid YAML"),
-    ("data.decode.hard_negatives_per_sample=-1", "data.decode: hard_negatives_per_sample must be >= 0, got -1"),
-    ("train.steps=3", "image_tokenizer: the schedule runs image_gen and mvm, which predict the codes of a trained VQ-VAE"),
-    ("image_tokenizer=/nowhere/vq.safetensors", "image_tokenizer: /nowhere/vq.safetensors not found"),
-    ("optim.lr_scale={decoder: 2}", "lr_scale: unknown component 'decoder' (known: text, vision"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown key 'stepz'"),
+        ("train.steps=many", "train.steps: expected int"),
+        ("optim.lr=[1]", "optim.lr: expected float"),
+        ("schedule.mode=sometimes", "mode must be one of"),
+        ("deepspeed=ds_configs/none.json", "deepspeed config not found"),
+        ("data.sources=[{name: x, shards: '/nowhere/shard-{0..3}.tar'}]", "shard not found: /nowhere/shard-0.tar"),
+        ("data.sources=[{name: x, shards: /nowhere/shard-{0..3}.tar}]", "the value is not valid YAML"),
+        ("data.decode.hard_negatives_per_sample=-1", "data.decode: hard_negatives_per_sample must be >= 0, got -1"),
+        (
+            "train.steps=3",
+            "image_tokenizer: the schedule runs image_gen and mvm, which predict the codes of a trained VQ-VAE",
+        ),
+        ("image_tokenizer=/nowhere/vq.safetensors", "image_tokenizer: /nowhere/vq.safetensors not found"),
+        ("optim.lr_scale={decoder: 2}", "lr_scale: unknown component 'decoder' (known: text, vision"),
+    ],
+)
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
     config = write_config(tmp_path / "c.yaml", data)
-    proc = run_module("opt_ds.train", "--config", str(config), "--output", str(tmp_path / "run"), "--set", override,
-                      check=False, timeout=120)
+    proc = run_module(
+        "opt_ds.train",
+        "--config",
+        str(config),
+        "--output",
+        str(tmp_path / "run"),
+        "--set",
+        override,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
@@ -268,11 +388,16 @@ def test_shipped_deepspeed_configs_train(data, tmp_path, ds_config):
     """Every shipped config without offload (the offload ones need JIT-built optimizer ops) trains a few steps."""
     if ds_config.endswith("fp16"):
         from deepspeed.accelerator import get_accelerator
+
         if not get_accelerator().is_fp16_supported():
             pytest.skip("DeepSpeed's accelerator here has no fp16 (its CPU path needs AVX512-FP16)")
-    config = write_config(tmp_path / "c.yaml", data, deepspeed=f"ds_configs/{ds_config}.json",
-                          schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
-                          train={"steps": 2, "save_every": 0})
+    config = write_config(
+        tmp_path / "c.yaml",
+        data,
+        deepspeed=f"ds_configs/{ds_config}.json",
+        schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+        train={"steps": 2, "save_every": 0},
+    )
     train_ranks(1, "--config", str(config), "--output", str(tmp_path / "run"))
     tb = scalars(tmp_path / "run")
     assert sorted(tb["loss/total"]) == [1, 2] and all(v == v for v in tb["loss/total"].values())

@@ -76,8 +76,11 @@ def finish_sample(sample: dict, sink: ShardSink, text: str | None, meta: dict) -
 def build_synthetic(args: argparse.Namespace, sink: ShardSink) -> None:
     modalities = tuple(m.strip() for m in args.modalities.split(","))
     for i in tqdm(range(args.num), desc="synthetic", unit="sample", disable=args.quiet):
-        sink.write(synthetic_sample(i, args.seed, args.image_size, args.audio_seconds, modalities,
-                                    args.image_format, args.audio_format))
+        sink.write(
+            synthetic_sample(
+                i, args.seed, args.image_size, args.audio_seconds, modalities, args.image_format, args.audio_format
+            )
+        )
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -136,7 +139,9 @@ def build_manifest(args: argparse.Namespace, sink: ShardSink) -> None:
     base = path.parent
     rows = list(_manifest_rows(path))
     if rows and not any(c in rows[0][1] for c in MODALITIES):
-        raise SystemExit(f"{path}: needs at least one of the columns {', '.join(MODALITIES)}; found {sorted(rows[0][1])}")
+        raise SystemExit(
+            f"{path}: needs at least one of the columns {', '.join(MODALITIES)}; found {sorted(rows[0][1])}"
+        )
     for line_no, row in tqdm(rows, desc="manifest", unit="sample", disable=args.quiet):
         key = safe_key(row["key"]) if row.get("key") else f"{args.prefix}{line_no:09d}"
         sample: dict = {"__key__": key}
@@ -147,8 +152,11 @@ def build_manifest(args: argparse.Namespace, sink: ShardSink) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m opt_ds.data.build_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m opt_ds.data.build_shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output directory (must hold no shards yet)")
     common.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
@@ -165,16 +173,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     syn.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"])
     syn.add_argument("--audio-format", default="flac", choices=["flac", "wav", "ogg"])
 
-    for name, helptext in (("narratives", "Localized Narratives JSONL + Open Images + voice recordings"),
-                           ("manifest", "CSV or JSONL manifest with image/audio/text columns")):
+    for name, helptext in (
+        ("narratives", "Localized Narratives JSONL + Open Images + voice recordings"),
+        ("manifest", "CSV or JSONL manifest with image/audio/text columns"),
+    ):
         p = sub.add_parser(name, parents=[common], help=helptext)
         p.add_argument("--no-verify", dest="verify", action="store_false", help="do not check that files decode")
         if name == "narratives":
             p.add_argument("--jsonl", required=True)
             p.add_argument("--images", required=True, help="directory of <image_id>.jpg")
             p.add_argument("--audio", required=True, help="directory the voice_recording paths are relative to")
-            p.add_argument("--window-seconds", type=float, default=10.0,
-                           help="cut narrations into utterance windows of at most this long (0: keep them whole)")
+            p.add_argument(
+                "--window-seconds",
+                type=float,
+                default=10.0,
+                help="cut narrations into utterance windows of at most this long (0: keep them whole)",
+            )
         else:
             p.add_argument("--file", required=True)
             p.add_argument("--prefix", default="m", help="key prefix for rows without a 'key' column")

@@ -13,7 +13,8 @@ NO_TEXT = torch.zeros(0, dtype=torch.long)
 
 
 def pad_with_mask(seqs: list[torch.Tensor], min_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad [T_i, ...] sequences to [N, T, ...] with T >= min_length; -> (padded, mask [N, T] True on real steps)."""
+    """Zero-pad [T_i, ...] sequences to [N, T, ...] with T >= min_length; -> (padded, mask [N, T] True on real
+    steps)."""
     padded = pad_sequence([*seqs, seqs[0].new_zeros(min_length, *seqs[0].shape[1:])], batch_first=True)[:-1]
     lengths = torch.tensor([seq.shape[0] for seq in seqs])
     return padded, torch.arange(padded.shape[1])[None, :] < lengths[:, None]
@@ -39,15 +40,19 @@ def rewrite_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
     ids, mask = pad_with_mask(seqs, MIN_TEXT_TOKENS)
     batch_size = len(samples)
     positive = torch.tensor([i < limits["paraphrases"] for i in range(slots)])
-    return {"rewrite_ids": ids.view(batch_size, slots, -1), "rewrite_mask": mask.view(batch_size, slots, -1),
-            "has_rewrite": torch.tensor(present).view(batch_size, slots),
-            "rewrite_positive": positive.expand(batch_size, slots).clone()}
+    return {
+        "rewrite_ids": ids.view(batch_size, slots, -1),
+        "rewrite_mask": mask.view(batch_size, slots, -1),
+        "has_rewrite": torch.tensor(present).view(batch_size, slots),
+        "rewrite_positive": positive.expand(batch_size, slots).clone(),
+    }
 
 
 def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     """Every modality tensor is always present (zeros where absent): ranks must run the same graph.
 
-    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S], has_image [B], audio [B,T,M], audio_mask [B,T],
+    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S], has_image [B], audio [B,T,M],
+    audio_mask [B,T],
     has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' keys. Masks are True on
     real tokens.
     """

@@ -160,8 +160,9 @@ class SampleDecoder:
         return out, problems
 
 
-def parse_or_count(parse: Callable[[dict], Parsed], raw: dict, reason: str,
-                   problems: list[tuple[str, str]]) -> Parsed | None:
+def parse_or_count(
+    parse: Callable[[dict], Parsed], raw: dict, reason: str, problems: list[tuple[str, str]]
+) -> Parsed | None:
     """parse(raw), or None with (reason, the error) counted when the sample's text or JSON does not parse
     (json.JSONDecodeError is a ValueError)."""
     try:

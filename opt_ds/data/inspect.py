@@ -24,9 +24,11 @@ def modality_combination(batch: dict, i: int) -> str:
 
 
 def inspect_shards(shards: list[str], limit: int | None, decode: DecodeConfig, workers: int, batch_size: int) -> dict:
-    loader = make_loader([SourceConfig("inspect", shards)], decode,
-                         ReaderConfig(batch_size=batch_size, num_workers=workers, shuffle_shards=False,
-                                      shuffle_buffer=0, max_epochs=1))
+    loader = make_loader(
+        [SourceConfig("inspect", shards)],
+        decode,
+        ReaderConfig(batch_size=batch_size, num_workers=workers, shuffle_shards=False, shuffle_buffer=0, max_epochs=1),
+    )
     combos: Counter[str] = Counter()
     seen = 0
     start = time.perf_counter()
@@ -51,8 +53,10 @@ def inspect_shards(shards: list[str], limit: int | None, decode: DecodeConfig, w
 
 
 def print_table(report: dict) -> None:
-    print(f"{report['samples']} samples from {report['shards']} shards in {report['seconds']:.1f} s "
-          f"({report['samples_per_s']} samples/s, {report['workers']} workers)")
+    print(
+        f"{report['samples']} samples from {report['shards']} shards in {report['seconds']:.1f} s "
+        f"({report['samples_per_s']} samples/s, {report['workers']} workers)"
+    )
     print("modalities:")
     for combo, n in report["by_modalities"].items():
         print(f"  {combo:<20} {n}")
@@ -62,8 +66,9 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m opt_ds.data.inspect", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m opt_ds.data.inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("shards", nargs="+", help="brace pattern, directory or list file (several allowed)")
     parser.add_argument("--limit", type=int, default=None, help="stop after N samples")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -30,9 +30,12 @@ def utterances(timed_caption: object) -> list[dict]:
     if not isinstance(timed_caption, list) or not timed_caption:
         raise ValueError("timed_caption is not a non-empty list")
     for u in timed_caption:
-        if not (isinstance(u, dict) and isinstance(u.get("utterance"), str)
-                and all(isinstance(u.get(k), (int, float)) for k in ("start_time", "end_time"))
-                and 0 <= u["start_time"] <= u["end_time"]):
+        if not (
+            isinstance(u, dict)
+            and isinstance(u.get("utterance"), str)
+            and all(isinstance(u.get(k), (int, float)) for k in ("start_time", "end_time"))
+            and 0 <= u["start_time"] <= u["end_time"]
+        ):
             raise ValueError(f"timed_caption entry {str(u)[:80]} lacks utterance/start_time/end_time")
     return sorted(timed_caption, key=lambda u: u["start_time"])
 
@@ -50,12 +53,21 @@ def narration_windows(timed: list[dict], seconds: float) -> list[Window]:
 
 def window_meta(window: Window, traces: object) -> dict:
     """The window's utterance times from its start, and the trace points inside its time span."""
-    timed = [{"utterance": u["utterance"], "start_time": round(u["start_time"] - window.start, 3),
-              "end_time": round(u["end_time"] - window.start, 3)} for u in window.utterances]
+    timed = [
+        {
+            "utterance": u["utterance"],
+            "start_time": round(u["start_time"] - window.start, 3),
+            "end_time": round(u["end_time"] - window.start, 3),
+        }
+        for u in window.utterances
+    ]
     meta: dict = {"timed_caption": timed, "window": [window.start, window.end]}
     if isinstance(traces, list):
-        meta["traces"] = [[p for p in segment if isinstance(p, dict) and window.start <= p.get("t", -1) <= window.end]
-                          for segment in traces if isinstance(segment, list)]
+        meta["traces"] = [
+            [p for p in segment if isinstance(p, dict) and window.start <= p.get("t", -1) <= window.end]
+            for segment in traces
+            if isinstance(segment, list)
+        ]
         meta["traces"] = [segment for segment in meta["traces"] if segment]
     return meta
 

@@ -107,8 +107,17 @@ def _ends_like_a_tar(path: str) -> bool:
 class SourceStream:
     """Raw (undecoded) samples of one source for one slot, continuing from a SourcePosition."""
 
-    def __init__(self, shards: list[str], index: int, slot: int, n_slots: int, cfg: ReaderConfig,
-                 position: SourcePosition, skips: SkipCounter, name: str):
+    def __init__(
+        self,
+        shards: list[str],
+        index: int,
+        slot: int,
+        n_slots: int,
+        cfg: ReaderConfig,
+        position: SourcePosition,
+        skips: SkipCounter,
+        name: str,
+    ):
         self.shards, self.index, self.slot, self.n_slots = shards, index, slot, n_slots
         self.cfg, self.position, self.skips, self.name = cfg, position, skips, name
         self._it: Iterator[dict] | None = None
@@ -117,7 +126,11 @@ class SourceStream:
     def _tar_error(self, exn: Exception) -> bool:
         if self._replaying:  # already counted before the checkpoint
             return True
-        self.skips.add("tar_error", str(exn.args[-1]) if exn.args else "?", f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+        self.skips.add(
+            "tar_error",
+            str(exn.args[-1]) if exn.args else "?",
+            f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}",
+        )
         return True
 
     def _checked(self, urls: list[str]) -> Iterator[str]:
@@ -146,7 +159,9 @@ class SourceStream:
             samples = (s for i, s in enumerate(samples) if i % self.n_slots == self.slot)
         if self.cfg.shuffle_buffer > 1:
             buf = self.cfg.shuffle_buffer
-            samples = _shuffle(iter(samples), buf, buf, rng=random.Random(f"{seed}-samples-{self.index}-{epoch}-{self.slot}"))
+            samples = _shuffle(
+                iter(samples), buf, buf, rng=random.Random(f"{seed}-samples-{self.index}-{epoch}-{self.slot}")
+            )
         return iter(samples)
 
     def next(self) -> dict | None:
@@ -177,8 +192,14 @@ class SourceStream:
 class StreamingDataset(IterableDataset):
     """Yields ready batches (dict of tensors) with a `_meta` entry holding the worker's position."""
 
-    def __init__(self, sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        sources: list[SourceConfig],
+        decode: DecodeConfig,
+        reader: ReaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not sources:
             raise ValueError("data: no sources configured")
         for s in sources:
@@ -234,7 +255,9 @@ class StreamingDataset(IterableDataset):
             if decoded is None:
                 undecodable_run += 1
                 if undecodable_run >= MAX_UNDECODABLE_RUN:
-                    raise RuntimeError(f"{undecodable_run} samples in a row were unusable; skip counts: {skips.as_dict()}")
+                    raise RuntimeError(
+                        f"{undecodable_run} samples in a row were unusable; skip counts: {skips.as_dict()}"
+                    )
                 continue
             undecodable_run = 0
             decoded["source"] = self.sources[i].name
@@ -278,9 +301,15 @@ class ResumableLoader:
         self.dataset.resume = self.state_dict()
         # forkserver, not fork: a forked worker shares the trainer's pages copy-on-write, and every page the
         # trainer then writes (gradient buffers, offload swap buffers) is duplicated: +6 GB for `large` here
-        extra = {"prefetch_factor": self.dataset.cfg.prefetch_factor,
-                 "worker_init_fn": partial(_worker_init, self.dataset.cfg.worker_nice),
-                 "multiprocessing_context": "forkserver"} if self.num_workers else {}
+        extra = (
+            {
+                "prefetch_factor": self.dataset.cfg.prefetch_factor,
+                "worker_init_fn": partial(_worker_init, self.dataset.cfg.worker_nice),
+                "multiprocessing_context": "forkserver",
+            }
+            if self.num_workers
+            else {}
+        )
         return self._batches(iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)))
 
     def _batches(self, stream: Iterator[dict]) -> Iterator[dict]:
@@ -308,7 +337,9 @@ class ResumableLoader:
         mine = self.state_dict()
         for key in ("version", "rank", "world_size", "num_workers", "sources"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"data state mismatch in '{key}': checkpoint has {state.get(key)!r}, this run {mine[key]!r}")
+                raise ValueError(
+                    f"data state mismatch in '{key}': checkpoint has {state.get(key)!r}, this run {mine[key]!r}"
+                )
         self.batches = state["batches"]
         self.workers = {int(k): v for k, v in state["workers"].items()}
 
@@ -343,6 +374,7 @@ def start_worker_server() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def make_loader(sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig,
-                rank: int = 0, world_size: int = 1) -> ResumableLoader:
+def make_loader(
+    sources: list[SourceConfig], decode: DecodeConfig, reader: ReaderConfig, rank: int = 0, world_size: int = 1
+) -> ResumableLoader:
     return ResumableLoader(StreamingDataset(sources, decode, reader, rank, world_size))

@@ -32,7 +32,11 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 COUNTS = ("one", "two", "three", "four")
-TEMPLATES = ("{count} {colour} {shape}", "a picture of {count} {colour} {shape}", "there are {count} {colour} {shape} here")
+TEMPLATES = (
+    "{count} {colour} {shape}",
+    "a picture of {count} {colour} {shape}",
+    "there are {count} {colour} {shape} here",
+)
 SAMPLE_RATE = 16_000
 
 
@@ -75,7 +79,9 @@ def synth_audio(count: int, colour: str, shape: str, seconds: float, rng: random
     colour_hz = 300 + 90 * list(COLOURS).index(colour)
     parts += [np.zeros(int(0.1 * SAMPLE_RATE)), 0.5 * np.sin(2 * math.pi * colour_hz * t(0.3))]
     s = SHAPES.index(shape)
-    chord = 0.3 * np.sin(2 * math.pi * (1400 + 200 * s) * t(0.3)) + 0.3 * np.sin(2 * math.pi * (2600 + 250 * s) * t(0.3))
+    chord = 0.3 * np.sin(2 * math.pi * (1400 + 200 * s) * t(0.3)) + 0.3 * np.sin(
+        2 * math.pi * (2600 + 250 * s) * t(0.3)
+    )
     parts += [np.zeros(int(0.1 * SAMPLE_RATE)), chord]
     wave = np.concatenate(parts)
     total = max(len(wave), int(seconds * SAMPLE_RATE))
@@ -86,24 +92,39 @@ def synth_audio(count: int, colour: str, shape: str, seconds: float, rng: random
     return out.astype(np.float32)
 
 
-def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, audio_seconds: float = 2.0,
-                     modalities: tuple[str, ...] = MODALITIES,
-                     image_format: str = "jpg", audio_format: str = "flac") -> dict[str, bytes | str]:
+def synthetic_sample(
+    index: int,
+    seed: int = 0,
+    image_size: int = 64,
+    audio_seconds: float = 2.0,
+    modalities: tuple[str, ...] = MODALITIES,
+    image_format: str = "jpg",
+    audio_format: str = "flac",
+) -> dict[str, bytes | str]:
     """One deterministic sample (key and bytes depend only on index and seed)."""
     rng = random.Random(f"synthetic-{seed}-{index}")
     count, colour, shape = rng.randint(1, 4), rng.choice(list(COLOURS)), rng.choice(SHAPES)
     sample: dict[str, bytes | str] = {"__key__": f"syn{seed:03d}_{index:08d}"}
     if "image" in modalities:
         buf = io.BytesIO()
-        draw_image(count, colour, shape, image_size, rng).save(buf, format={"jpg": "JPEG"}.get(image_format, image_format.upper()), quality=90)
+        draw_image(count, colour, shape, image_size, rng).save(
+            buf, format={"jpg": "JPEG"}.get(image_format, image_format.upper()), quality=90
+        )
         sample[image_format] = buf.getvalue()
     if "audio" in modalities:
         buf = io.BytesIO()
-        soundfile.write(buf, synth_audio(count, colour, shape, audio_seconds, rng), SAMPLE_RATE, format=audio_format.upper())
+        soundfile.write(
+            buf, synth_audio(count, colour, shape, audio_seconds, rng), SAMPLE_RATE, format=audio_format.upper()
+        )
         sample[audio_format] = buf.getvalue()
     label = (count - 1) * len(COLOURS) * len(SHAPES) + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
-    meta: dict = {"count": count, "colour": colour, "shape": shape, "label": label,
-                  "label_name": describe(count, colour, shape, 0)}
+    meta: dict = {
+        "count": count,
+        "colour": colour,
+        "shape": shape,
+        "label": label,
+        "label_name": describe(count, colour, shape, 0),
+    }
     if "text" in modalities:
         template = rng.randrange(len(TEMPLATES))
         sample["txt"] = describe(count, colour, shape, template).encode()
@@ -140,8 +161,9 @@ def drawn_colour(image: np.ndarray) -> str | None:
     """The palette colour of the shapes in an RGB picture [H, W, 3] (uint8), or None when nothing stands out
     from the grey field (its colour: the median of the picture's border, which shapes never cover): the pixels
     far from the field, matched to the nearest palette entry."""
-    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
-                             image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)]).astype(np.float32)
+    border = np.concatenate(
+        [image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3), image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)]
+    ).astype(np.float32)
     field = np.median(border, axis=0)
     pixels = image.reshape(-1, 3).astype(np.float32)
     shapes = pixels[np.abs(pixels - field).max(1) > 60]

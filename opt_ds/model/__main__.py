@@ -20,7 +20,12 @@ def report(name: str) -> dict:
     params = parameter_count(cfg)
     return {
         "config": cfg.name,
-        "tokens_per_sample": {"text": lengths.text, "image": lengths.image, "audio": lengths.audio, "fusion": lengths.fusion},
+        "tokens_per_sample": {
+            "text": lengths.text,
+            "image": lengths.image,
+            "audio": lengths.audio,
+            "fusion": lengths.fusion,
+        },
         "parameters": params,
         "forward_flops_per_sample": fwd,
         "train_flops_per_sample": {k: 3 * v for k, v in fwd.items()},
@@ -29,8 +34,10 @@ def report(name: str) -> dict:
 
 def print_table(r: dict) -> None:
     tokens = r["tokens_per_sample"]
-    print(f"config {r['config']}: tokens per sample text {tokens['text']}, image {tokens['image']}, "
-          f"audio {tokens['audio']}, fusion {tokens['fusion']}")
+    print(
+        f"config {r['config']}: tokens per sample text {tokens['text']}, image {tokens['image']}, "
+        f"audio {tokens['audio']}, fusion {tokens['fusion']}"
+    )
     print(f"{'component':<14} {'parameters':>16} {'fwd GFLOP/sample':>18} {'train GFLOP/sample':>20}")
     for part, params in r["parameters"].items():
         fwd = r["forward_flops_per_sample"][part]
@@ -38,8 +45,9 @@ def print_table(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m opt_ds.model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m opt_ds.model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="tiny", help=f"one of {', '.join(model_config_names())} or a YAML path")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

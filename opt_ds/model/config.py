@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from opt_ds.dataclass_config import from_dict
+from opt_ds.config.fields import from_dict
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 
@@ -135,7 +135,9 @@ def load_model_config(name_or_path: str, overrides: dict | None = None) -> Model
     if not path.suffix:
         path = MODELS_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise FileNotFoundError(f"no model config named '{name_or_path}' (known: {', '.join(model_config_names())})")
+            raise FileNotFoundError(
+                f"no model config named '{name_or_path}' (known: {', '.join(model_config_names())})"
+            )
     data = yaml.safe_load(path.read_text()) or {}
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

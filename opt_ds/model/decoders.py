@@ -18,8 +18,9 @@ class TokenDecoder(nn.Module):
         # weights passed in at creation: init written after construction would miss ZeRO-3's partitioned tensors
         self.embed = nn.Embedding(vocab_size, cfg.hidden, _weight=torch.randn(vocab_size, cfg.hidden) * 0.02)
         self.pos_embed = nn.Embedding(max_len, cfg.hidden, _weight=torch.randn(max_len, cfg.hidden) * 0.02)
-        self.transformer = Transformer(cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_ratio, memory_dim=memory_dim,
-                                       use_checkpoint=use_checkpoint)
+        self.transformer = Transformer(
+            cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_ratio, memory_dim=memory_dim, use_checkpoint=use_checkpoint
+        )
         self.head = nn.Linear(cfg.hidden, vocab_size, bias=False)
         self.head.weight = self.embed.weight
 

@@ -12,7 +12,6 @@ from transformers import BertConfig, BertModel
 from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, AudioConfig, TextConfig, VisionConfig, subsampled_length
 from opt_ds.model.layers import Transformer, key_padding_mask, run_blocks
 
-
 # no dropout in any tower: large-data pre-training does without, and it keeps steps reproducible on resume
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
@@ -47,18 +46,27 @@ class TextEncoder(nn.Module):
         super().__init__()
         if cfg.init_from:
             path = resolve_text_checkpoint(cfg.init_from)
-            self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True,
-                                                  attn_implementation="sdpa", **NO_DROPOUT)
+            self.bert = BertModel.from_pretrained(
+                str(path), add_pooling_layer=False, local_files_only=True, attn_implementation="sdpa", **NO_DROPOUT
+            )
             got = self.bert.config
             if (got.hidden_size, got.num_hidden_layers, got.vocab_size) != (cfg.hidden, cfg.layers, cfg.vocab_size):
                 raise ValueError(
                     f"text.init_from {path}: checkpoint has hidden={got.hidden_size} layers={got.num_hidden_layers} "
-                    f"vocab={got.vocab_size}; the config says hidden={cfg.hidden} layers={cfg.layers} vocab={cfg.vocab_size}"
+                    f"vocab={got.vocab_size}; the config says hidden={cfg.hidden} layers={cfg.layers} "
+                    f"vocab={cfg.vocab_size}"
                 )
         else:
-            bert_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                                  num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
-                                  max_position_embeddings=cfg.max_len, attn_implementation="sdpa", **NO_DROPOUT)
+            bert_cfg = BertConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden,
+                num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads,
+                intermediate_size=cfg.intermediate,
+                max_position_embeddings=cfg.max_len,
+                attn_implementation="sdpa",
+                **NO_DROPOUT,
+            )
             self.bert = BertModel._from_config(bert_cfg, add_pooling_layer=False)  # ZeRO-3-aware init path
         if use_checkpoint:
             self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -82,9 +90,18 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionConfig, use_checkpoint: bool = False):
         super().__init__()
-        vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.hidden,
-                                depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, num_classes=0,
-                                class_token=False, pos_embed="none", global_pool="")
+        vit = VisionTransformer(
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.hidden,
+            depth=cfg.layers,
+            num_heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            num_classes=0,
+            class_token=False,
+            pos_embed="none",
+            global_pool="",
+        )
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid**2 + 1, cfg.hidden) * 0.02)
@@ -94,7 +111,7 @@ class VisionEncoder(nn.Module):
             self.load_timm_weights(cfg.init_from)
 
     def load_timm_weights(self, path: str) -> None:
-        from opt_ds.checkpoint_io import load_state_dict_file
+        from opt_ds.model.weights import load_state_dict_file
 
         state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(("head.", "fc_norm."))}
         missing, unexpected = self.load_state_dict(state, strict=False)
@@ -125,8 +142,9 @@ class AudioEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
         self.transformer = Transformer(cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_ratio, use_checkpoint=use_checkpoint)
 
-    def forward(self, fbank: torch.Tensor, frame_valid: torch.Tensor,
-                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, fbank: torch.Tensor, frame_valid: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> tokens [B, 1+T', D] and their validity [B, 1+T'] (CLS always valid).
 
         token_mask [B, T'] (True = masked for MAM) hides token k's frames 4k..4k+3 twice: they are zeroed (the

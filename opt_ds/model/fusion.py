@@ -32,8 +32,13 @@ class CrossModalEncoder(nn.Module):
 
     def __init__(self, cfg: StackConfig, text_dim: int, image_dim: int, audio_dim: int, use_checkpoint: bool = False):
         super().__init__()
-        self.proj = nn.ModuleDict({"text": nn.Linear(text_dim, cfg.hidden), "image": nn.Linear(image_dim, cfg.hidden),
-                                   "audio": nn.Linear(audio_dim, cfg.hidden)})
+        self.proj = nn.ModuleDict(
+            {
+                "text": nn.Linear(text_dim, cfg.hidden),
+                "image": nn.Linear(image_dim, cfg.hidden),
+                "audio": nn.Linear(audio_dim, cfg.hidden),
+            }
+        )
         self.type_embed = nn.Embedding(len(MODALITY_TYPES), cfg.hidden)
         self.transformer = Transformer(cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_ratio, use_checkpoint=use_checkpoint)
 
@@ -47,8 +52,13 @@ class CrossModalEncoder(nn.Module):
         projected = [self.proj[name](parts[name][0]) for name in MODALITY_ORDER]
         cls = torch.zeros(batch, 1, projected[0].shape[-1], dtype=projected[0].dtype, device=device)
         lengths = {"cls": 1, **{name: parts[name][0].shape[1] for name in MODALITY_ORDER}}
-        types = torch.cat([torch.full((batch, length), MODALITY_TYPES[name], dtype=torch.long, device=device)
-                           for name, length in lengths.items()], dim=1)
+        types = torch.cat(
+            [
+                torch.full((batch, length), MODALITY_TYPES[name], dtype=torch.long, device=device)
+                for name, length in lengths.items()
+            ],
+            dim=1,
+        )
         tokens = torch.cat([cls, *projected], dim=1) + self.type_embed(types)  # one call: one ZeRO-3 fetch
         valids = [torch.ones(batch, 1, dtype=torch.bool, device=device)] + [parts[name][1] for name in MODALITY_ORDER]
         valid = torch.cat(valids, dim=1)

@@ -23,8 +23,16 @@ def repeated_ngram_tokens(seqs: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_text(model: OPTModel, fused: Fused, bos: int, eos: int, max_len: int | None = None,
-                  beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[list[int]]:
+def generate_text(
+    model: OPTModel,
+    fused: Fused,
+    bos: int,
+    eos: int,
+    max_len: int | None = None,
+    beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram: int = 0,
+) -> list[list[int]]:
     """Captions as token ids (without BOS, with EOS where it was produced); beams=1 is greedy.
 
     Beams are ranked by log-probability / length**length_penalty; no_repeat_ngram=n forbids any n-gram twice
@@ -83,9 +91,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 @torch.no_grad()
-def generate_image_tokens(model: OPTModel, fused: Fused, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                          generator: torch.Generator | None = None, guidance: float = 1.0,
-                          unconditional: Fused | None = None) -> torch.Tensor:
+def generate_image_tokens(
+    model: OPTModel,
+    fused: Fused,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    unconditional: Fused | None = None,
+) -> torch.Tensor:
     """A full grid of VQ codes [B, grid*grid]; temperature 0 is greedy, else sampling (with top-k / top-p).
 
     Classifier-free guidance: with `unconditional` (the same samples fused with no partner modality), the
@@ -95,7 +110,7 @@ def generate_image_tokens(model: OPTModel, fused: Fused, temperature: float = 0.
     """
     if guidance != 1.0 and unconditional is None:
         raise ValueError("image guidance needs the unconditional fusion of the same samples")
-    length = model.cfg.vision.grid ** 2
+    length = model.cfg.vision.grid**2
     batch = fused.tokens.shape[0]
     memory, memory_valid = fused.tokens, fused.valid
     if unconditional is not None:  # both halves in one decoder call per position

@@ -56,7 +56,9 @@ class ContrastiveHead(nn.Module):
     def __init__(self, dims: dict[str, int], out_dim: int, init_temperature: float = 0.07):
         super().__init__()
         self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in dims.items()})
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))  # 1-d: zero.Init cannot broadcast 0-d
+        self.logit_scale = nn.Parameter(
+            torch.full((1,), math.log(1 / init_temperature))
+        )  # 1-d: zero.Init cannot broadcast 0-d
 
     def forward(self, pooled: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         emb = {m: F.normalize(self.proj[m](x).float(), dim=-1) for m, x in pooled.items()}

@@ -27,8 +27,13 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
         batch, length, dim = x.shape
         head_dim = dim // self.heads
         if self.cross:
@@ -54,8 +59,14 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask=mask, causal=causal)
         if memory is not None:
             x = x + self.cross_attn(self.norm_cross(x), memory=memory, mask=memory_mask)
@@ -79,14 +90,29 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, use_checkpoint: boo
 class Transformer(nn.Module):
     """A stack of Blocks and a final LayerNorm."""
 
-    def __init__(self, dim: int, layers: int, heads: int, mlp_ratio: float = 4.0, memory_dim: int | None = None,
-                 use_checkpoint: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        memory_dim: int | None = None,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, memory_dim) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.use_checkpoint = use_checkpoint
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = run_blocks(self.blocks, x, self.use_checkpoint, mask=mask, memory=memory, memory_mask=memory_mask, causal=causal)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        x = run_blocks(
+            self.blocks, x, self.use_checkpoint, mask=mask, memory=memory, memory_mask=memory_mask, causal=causal
+        )
         return self.norm(x)

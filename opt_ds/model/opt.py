@@ -38,7 +38,9 @@ class Unimodal:
         return {"text": mean_pool(self.text, self.text_valid), "image": self.image[:, 0], "audio": self.audio[:, 0]}
 
     def rows(self, rows: slice) -> "Unimodal":
-        return Unimodal(self.text[rows], self.text_valid[rows], self.image[rows], self.audio[rows], self.audio_valid[rows])
+        return Unimodal(
+            self.text[rows], self.text_valid[rows], self.image[rows], self.audio[rows], self.audio_valid[rows]
+        )
 
 
 class OPTModel(nn.Module):
@@ -58,7 +60,8 @@ class OPTModel(nn.Module):
         self.mam_head = LinearHead(d, FRAMES_PER_AUDIO_TOKEN * cfg.audio.n_mels)
         self.matching_head = MatchingHead(d)
         self.contrastive_head = ContrastiveHead(
-            {"text": cfg.text.hidden, "image": cfg.vision.hidden, "audio": cfg.audio.hidden}, cfg.contrastive_dim)
+            {"text": cfg.text.hidden, "image": cfg.vision.hidden, "audio": cfg.audio.hidden}, cfg.contrastive_dim
+        )
 
     def forward(self, run: Callable[["OPTModel"], T]) -> T:
         """The engine's entry point: `run(model)` calls the task code, so DeepSpeed sees one forward per step."""
@@ -70,13 +73,22 @@ class OPTModel(nn.Module):
 
     def component_modules(self) -> dict[str, list[nn.Module]]:
         return {
-            "text": [self.text], "vision": [self.vision], "audio": [self.audio], "fusion": [self.fusion],
-            "text_decoder": [self.text_decoder], "image_decoder": [self.image_decoder],
+            "text": [self.text],
+            "vision": [self.vision],
+            "audio": [self.audio],
+            "fusion": [self.fusion],
+            "text_decoder": [self.text_decoder],
+            "image_decoder": [self.image_decoder],
             "heads": [self.mlm_head, self.mvm_head, self.mam_head, self.matching_head, self.contrastive_head],
         }
 
-    def unimodal(self, batch: dict, text_ids: torch.Tensor | None = None, patch_mask: torch.Tensor | None = None,
-                 audio_token_mask: torch.Tensor | None = None) -> Unimodal:
+    def unimodal(
+        self,
+        batch: dict,
+        text_ids: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        audio_token_mask: torch.Tensor | None = None,
+    ) -> Unimodal:
         """Run all three encoders on the whole batch (always: every rank runs the same graph)."""
         text_ids = batch["text_ids"] if text_ids is None else text_ids
         text = self.text(text_ids, batch["text_mask"])
@@ -87,12 +99,17 @@ class OPTModel(nn.Module):
     def fuse(self, uni: Unimodal, batch: dict, keep: dict[str, torch.Tensor] | None = None) -> Fused:
         """Cross-modal encoding; a modality takes part for sample b only if present and keep[m][b]."""
         keep = keep or {}
+
         def part(m: str, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             take = batch[f"has_{m}"] & keep.get(m, torch.ones_like(batch[f"has_{m}"]))
             return tokens, valid & take[:, None]
+
         image_valid = torch.ones(uni.image.shape[:2], dtype=torch.bool, device=uni.image.device)
-        parts = {"text": part("text", uni.text, uni.text_valid), "image": part("image", uni.image, image_valid),
-                 "audio": part("audio", uni.audio, uni.audio_valid)}
+        parts = {
+            "text": part("text", uni.text, uni.text_valid),
+            "image": part("image", uni.image, image_valid),
+            "audio": part("audio", uni.audio, uni.audio_valid),
+        }
         tokens, valid = self.fusion(parts)
         return Fused(tokens, valid, spans({m: t.shape[1] for m, (t, _) in parts.items()}))
 

@@ -56,26 +56,62 @@ def lengths_for(cfg: ModelConfig, text_tokens: int | None = None, audio_frames: 
 
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:
     t, v, a, f = cfg.text, cfg.vision, cfg.audio, cfg.fusion
-    text = (t.vocab_size + t.max_len + 2) * t.hidden + 2 * t.hidden + t.layers * (
-        4 * _linear(t.hidden, t.hidden) + _linear(t.hidden, t.intermediate) + _linear(t.intermediate, t.hidden) + 4 * t.hidden)
-    vision = (_linear(3 * v.patch_size**2, v.hidden) + (v.grid**2 + 3) * v.hidden
-              + v.layers * _block_params(v.hidden, v.mlp_ratio) + 2 * v.hidden)
+    text = (
+        (t.vocab_size + t.max_len + 2) * t.hidden
+        + 2 * t.hidden
+        + t.layers
+        * (
+            4 * _linear(t.hidden, t.hidden)
+            + _linear(t.hidden, t.intermediate)
+            + _linear(t.intermediate, t.hidden)
+            + 4 * t.hidden
+        )
+    )
+    vision = (
+        _linear(3 * v.patch_size**2, v.hidden)
+        + (v.grid**2 + 3) * v.hidden
+        + v.layers * _block_params(v.hidden, v.mlp_ratio)
+        + 2 * v.hidden
+    )
     c = a.conv_channels
-    audio = (_linear(9, c) + _linear(9 * c, c) + _linear(c * subsampled_length(a.n_mels), a.hidden)
-             + (a.max_tokens + 3) * a.hidden + a.layers * _block_params(a.hidden, a.mlp_ratio) + 2 * a.hidden)
-    fusion = (_linear(t.hidden, f.hidden) + _linear(v.hidden, f.hidden) + _linear(a.hidden, f.hidden) + 4 * f.hidden
-              + f.layers * _block_params(f.hidden, f.mlp_ratio) + 2 * f.hidden)
+    audio = (
+        _linear(9, c)
+        + _linear(9 * c, c)
+        + _linear(c * subsampled_length(a.n_mels), a.hidden)
+        + (a.max_tokens + 3) * a.hidden
+        + a.layers * _block_params(a.hidden, a.mlp_ratio)
+        + 2 * a.hidden
+    )
+    fusion = (
+        _linear(t.hidden, f.hidden)
+        + _linear(v.hidden, f.hidden)
+        + _linear(a.hidden, f.hidden)
+        + 4 * f.hidden
+        + f.layers * _block_params(f.hidden, f.mlp_ratio)
+        + 2 * f.hidden
+    )
 
     def decoder(d, vocab: int, max_len: int) -> int:
         return (vocab + max_len) * d.hidden + d.layers * _block_params(d.hidden, d.mlp_ratio, f.hidden) + 2 * d.hidden
 
-    heads = (_linear(f.hidden, t.hidden) + 2 * t.hidden + t.vocab_size  # MLM (decoder weight tied to text)
-             + 2 * f.hidden + _linear(f.hidden, cfg.vq.codebook_size)  # MVM
-             + 2 * f.hidden + _linear(f.hidden, FRAMES_PER_AUDIO_TOKEN * a.n_mels)  # MAM
-             + _linear(f.hidden, f.hidden) + _linear(f.hidden, MATCH_CLASSES)  # matching
-             + sum(_linear(d, cfg.contrastive_dim) for d in (t.hidden, v.hidden, a.hidden)) + 1)  # contrastive
+    heads = (
+        _linear(f.hidden, t.hidden)
+        + 2 * t.hidden
+        + t.vocab_size  # MLM (decoder weight tied to text)
+        + 2 * f.hidden
+        + _linear(f.hidden, cfg.vq.codebook_size)  # MVM
+        + 2 * f.hidden
+        + _linear(f.hidden, FRAMES_PER_AUDIO_TOKEN * a.n_mels)  # MAM
+        + _linear(f.hidden, f.hidden)
+        + _linear(f.hidden, MATCH_CLASSES)  # matching
+        + sum(_linear(d, cfg.contrastive_dim) for d in (t.hidden, v.hidden, a.hidden))
+        + 1
+    )  # contrastive
     counts = {
-        "text": text, "vision": vision, "audio": audio, "fusion": fusion,
+        "text": text,
+        "vision": vision,
+        "audio": audio,
+        "fusion": fusion,
         "text_decoder": decoder(cfg.text_decoder, t.vocab_size, t.max_len),
         "image_decoder": decoder(cfg.image_decoder, cfg.vq.codebook_size + 1, v.grid**2),
         "heads": heads,
@@ -95,20 +131,36 @@ def forward_flops(cfg: ModelConfig, lengths: Lengths | None = None) -> dict[str,
     half = (frames - 1) // 2 + 1
     mels_half, mels_quarter = (a.n_mels - 1) // 2 + 1, subsampled_length(a.n_mels)
     c = a.conv_channels
-    audio = (2 * 9 * c * half * mels_half + 2 * 9 * c * c * (n.audio - 1) * mels_quarter
-             + 2 * (n.audio - 1) * c * mels_quarter * a.hidden + a.layers * _block_flops(a.hidden, a.mlp_ratio, n.audio))
-    fusion = (2 * f.hidden * (n.text * t.hidden + n.image * v.hidden + n.audio * a.hidden)
-              + f.layers * _block_flops(f.hidden, f.mlp_ratio, n.fusion))
+    audio = (
+        2 * 9 * c * half * mels_half
+        + 2 * 9 * c * c * (n.audio - 1) * mels_quarter
+        + 2 * (n.audio - 1) * c * mels_quarter * a.hidden
+        + a.layers * _block_flops(a.hidden, a.mlp_ratio, n.audio)
+    )
+    fusion = 2 * f.hidden * (n.text * t.hidden + n.image * v.hidden + n.audio * a.hidden) + f.layers * _block_flops(
+        f.hidden, f.mlp_ratio, n.fusion
+    )
 
     def decoder(d, vocab: int, length: int) -> int:
-        return (d.layers * _block_flops(d.hidden, d.mlp_ratio, length, (n.fusion, f.hidden))
-                + 2 * length * d.hidden * vocab)
+        return (
+            d.layers * _block_flops(d.hidden, d.mlp_ratio, length, (n.fusion, f.hidden)) + 2 * length * d.hidden * vocab
+        )
 
-    heads = (2 * n.text * (f.hidden * t.hidden + t.hidden * t.vocab_size) + 2 * patches * f.hidden * cfg.vq.codebook_size
-             + 2 * (n.audio - 1) * f.hidden * FRAMES_PER_AUDIO_TOKEN * a.n_mels + 2 * f.hidden * (f.hidden + MATCH_CLASSES)
-             + 2 * cfg.contrastive_dim * (t.hidden + v.hidden + a.hidden))
-    out = {"text": text, "vision": vision, "audio": audio, "fusion": fusion,
-           "text_decoder": decoder(cfg.text_decoder, t.vocab_size, n.text),
-           "image_decoder": decoder(cfg.image_decoder, cfg.vq.codebook_size + 1, patches), "heads": heads}
+    heads = (
+        2 * n.text * (f.hidden * t.hidden + t.hidden * t.vocab_size)
+        + 2 * patches * f.hidden * cfg.vq.codebook_size
+        + 2 * (n.audio - 1) * f.hidden * FRAMES_PER_AUDIO_TOKEN * a.n_mels
+        + 2 * f.hidden * (f.hidden + MATCH_CLASSES)
+        + 2 * cfg.contrastive_dim * (t.hidden + v.hidden + a.hidden)
+    )
+    out = {
+        "text": text,
+        "vision": vision,
+        "audio": audio,
+        "fusion": fusion,
+        "text_decoder": decoder(cfg.text_decoder, t.vocab_size, n.text),
+        "image_decoder": decoder(cfg.image_decoder, cfg.vq.codebook_size + 1, patches),
+        "heads": heads,
+    }
     out["total"] = sum(out.values())
     return out

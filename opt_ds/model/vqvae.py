@@ -16,7 +16,6 @@ from torch import nn
 
 from opt_ds.model.config import VQConfig
 
-
 DEAD_USAGE = 0.03
 RESTART_USAGE = 0.1
 
@@ -30,7 +29,9 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.Conv2d(channels, channels, 1))
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(), nn.Conv2d(channels, channels, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -57,7 +58,7 @@ class EMAQuantizer(nn.Module):
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, D] -> nearest code index [N]."""
         self.keep_fp32()
-        distances = (z.pow(2).sum(1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(1)[None])
+        distances = z.pow(2).sum(1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(1)[None]
         return distances.argmin(1)
 
     @torch.no_grad()
@@ -120,8 +121,12 @@ class VQVAE(nn.Module):
         probs = usage / usage.sum()
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         loss = recon_loss + self.cfg.commitment * commitment
-        return loss, {"recon_loss": recon_loss.detach(), "commitment": commitment.detach(), "perplexity": perplexity,
-                      "codes_used": (usage > 0).float().sum()}
+        return loss, {
+            "recon_loss": recon_loss.detach(),
+            "commitment": commitment.detach(),
+            "perplexity": perplexity,
+            "codes_used": (usage > 0).float().sum(),
+        }
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

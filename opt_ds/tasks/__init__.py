@@ -6,16 +6,40 @@ from opt_ds.tasks.generation import ImageGeneration, TextGeneration
 from opt_ds.tasks.matching import ModalityMatching
 from opt_ds.tasks.runner import run_tasks
 from opt_ds.tasks.schedule import ScheduleConfig, StageConfig, TaskScheduler
+from opt_ds.tasks.settings import TasksConfig
 from opt_ds.tasks.token import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
 
-TASKS = {t.name: t for t in (MaskedLanguageModeling, MaskedVisionModeling, MaskedAudioModeling, TextGeneration,
-                             ImageGeneration, ModalityMatching, CrossModalContrastive)}
+TASKS = {
+    t.name: t
+    for t in (
+        MaskedLanguageModeling,
+        MaskedVisionModeling,
+        MaskedAudioModeling,
+        TextGeneration,
+        ImageGeneration,
+        ModalityMatching,
+        CrossModalContrastive,
+    )
+}
 NEEDS_IMAGE_TOKENIZER = {"mvm", "image_gen"}
 
 
-def build_tasks(names) -> dict:
-    return {name: TASKS[name]() for name in names}
+def build_tasks(settings: TasksConfig | None = None) -> dict:
+    """Every task, each with its section of the `tasks:` config (defaults without one)."""
+    settings = settings or TasksConfig()
+    return {name: cls(getattr(settings, name)) for name, cls in TASKS.items()}
 
 
-__all__ = ["run_tasks", "TASKS", "NEEDS_IMAGE_TOKENIZER", "build_tasks", "TaskContext", "TextSpecials", "step_generator",
-           "ScheduleConfig", "StageConfig", "TaskScheduler"]
+__all__ = [
+    "run_tasks",
+    "TASKS",
+    "NEEDS_IMAGE_TOKENIZER",
+    "build_tasks",
+    "TaskContext",
+    "TextSpecials",
+    "step_generator",
+    "ScheduleConfig",
+    "StageConfig",
+    "TaskScheduler",
+    "TasksConfig",
+]

@@ -18,9 +18,6 @@ from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.encoding import EncoderRequest, encode_requests
 
-MASK_RATIO = 0.15
-WHOLE_MODALITY_PROB = 0.3
-
 
 @dataclass(frozen=True)
 class TextSpecials:
@@ -35,8 +32,14 @@ class TextSpecials:
 
     @classmethod
     def from_tokenizer(cls, tok) -> "TextSpecials":
-        return cls(tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id,
-                   min(999, tok.vocab_size - 1), tok.vocab_size)
+        return cls(
+            tok.pad_token_id,
+            tok.cls_token_id,
+            tok.sep_token_id,
+            tok.mask_token_id,
+            min(999, tok.vocab_size - 1),
+            tok.vocab_size,
+        )
 
 
 @dataclass
@@ -72,19 +75,24 @@ class Task:
     name: str
     components: tuple[str, ...]  # model components the task runs (for the FLOP count)
     extra_text_key: str | None = None  # batch key [B, K, L] of text-only rows it encodes too (for the FLOP count)
+    settings_type: type  # its section of the `tasks:` config (opt_ds.tasks.settings)
+
+    def __init__(self, settings=None):
+        self.settings = settings if settings is not None else self.settings_type()
 
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         """-> (what to encode, the state `score` needs)."""
         raise NotImplementedError
 
-    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
-              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+    def score(
+        self, model: OPTModel, batch: dict, state: dict, uni: Unimodal, fused: Fused | None
+    ) -> tuple[torch.Tensor, dict]:
         """-> (loss, metrics) from this task's rows of the encodings."""
         raise NotImplementedError
 
     def __call__(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[torch.Tensor, dict]:
         request, state = self.prepare(model, batch, ctx)
-        (uni, fused), = encode_requests(model, [request])
+        ((uni, fused),) = encode_requests(model, [request])
         return self.score(model, batch, state, uni, fused)
 
 
@@ -92,8 +100,7 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_000_007 + step * 65_537 + rank)
 
 
-def choose_mask(candidates: torch.Tensor, ctx: TaskContext, ratio: float = MASK_RATIO,
-                whole_prob: float = WHOLE_MODALITY_PROB) -> torch.Tensor:
+def choose_mask(candidates: torch.Tensor, ctx: TaskContext, ratio: float, whole_prob: float) -> torch.Tensor:
     """Mask round(ratio * candidates) positions per row, at least one; with whole_prob, every candidate."""
     batch, length = candidates.shape
     n_cand = candidates.sum(1)
@@ -121,7 +128,9 @@ def text_candidates(batch: dict, ctx: TaskContext) -> torch.Tensor:
     return batch["text_mask"] & batch["has_text"][:, None] & (ids != sp.cls) & (ids != sp.sep) & (ids != sp.pad)
 
 
-def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE over positions with weight > 0 (zero, still in the graph, if none) and accuracy there."""
     logits = logits.float().reshape(-1, logits.shape[-1])
     targets, weight = targets.reshape(-1), weight.reshape(-1).float()

@@ -20,12 +20,14 @@ from opt_ds.model.fusion import MODALITY_ORDER, Fused
 from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.tasks.base import Task, TaskContext
 from opt_ds.tasks.encoding import EncoderRequest
+from opt_ds.tasks.settings import ContrastiveConfig
 
 PAIRS = tuple(itertools.combinations(MODALITY_ORDER, 2))
 
 
 def gather_with_grad(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, int]:
-    """Concatenate x from every rank along `dim` (gradients flow back to each rank's part); -> (all, this rank's offset)."""
+    """Concatenate x from every rank along `dim` (gradients flow back to each rank's part); -> (all, this rank's
+    offset)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     import torch.distributed.nn.functional as dist_fn
@@ -52,8 +54,15 @@ class Rewrites:
     positive: torch.Tensor  # [B, K] True: a paraphrase
 
 
-def info_nce(query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor, offset: int, rows: torch.Tensor,
-             scale: torch.Tensor, rewrites: Rewrites | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_valid: torch.Tensor,
+    offset: int,
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    rewrites: Rewrites | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B,C] against all keys [N,C]; row i's positive is key offset+i; only `rows` count.
 
     With rewrites, row i also scores its own sample's K rewrites: paraphrases are more positives (the summed
@@ -78,12 +87,14 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor, o
 
 class CrossModalContrastive(Task):
     name, components, extra_text_key = "contrastive", ("text", "vision", "audio", "heads"), "rewrite_ids"
+    settings_type = ContrastiveConfig
 
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         return contrastive_request(batch), {}
 
-    def score(self, model: OPTModel, batch: dict, state: dict, uni: Unimodal,
-              fused: Fused | None) -> tuple[torch.Tensor, dict]:
+    def score(
+        self, model: OPTModel, batch: dict, state: dict, uni: Unimodal, fused: Fused | None
+    ) -> tuple[torch.Tensor, dict]:
         emb, scale, rewrites = contrastive_embeddings(model, batch, uni)
         return contrastive_loss(emb, {m: batch[f"has_{m}"] for m in MODALITY_ORDER}, scale, rewrites)
 
@@ -96,8 +107,9 @@ def contrastive_request(batch: dict) -> EncoderRequest:
     return EncoderRequest(batch, fuse=False, extra_text=rewrites)
 
 
-def contrastive_embeddings(model: OPTModel, batch: dict,
-                           uni: Unimodal) -> tuple[dict[str, torch.Tensor], torch.Tensor, Rewrites | None]:
+def contrastive_embeddings(
+    model: OPTModel, batch: dict, uni: Unimodal
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, Rewrites | None]:
     """-> (normalised embedding per modality [B,C], logit scale, the rewrites' embeddings) from one head call."""
     pooled = uni.pooled()
     if uni.extra_text is not None:
@@ -107,12 +119,20 @@ def contrastive_embeddings(model: OPTModel, batch: dict,
         return emb, scale, None
     batch_size, slots = batch["has_rewrite"].shape
     emb["text"], rewrite_emb = emb["text"].split([batch_size, batch_size * slots])
-    return emb, scale, Rewrites(rewrite_emb.unflatten(0, (batch_size, slots)),
-                                batch["has_rewrite"] & batch["has_text"][:, None], batch["rewrite_positive"])
+    return (
+        emb,
+        scale,
+        Rewrites(
+            rewrite_emb.unflatten(0, (batch_size, slots)),
+            batch["has_rewrite"] & batch["has_text"][:, None],
+            batch["rewrite_positive"],
+        ),
+    )
 
 
-def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], scale: torch.Tensor,
-                     rewrites: Rewrites | None = None) -> tuple[torch.Tensor, dict]:
+def contrastive_loss(
+    emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], scale: torch.Tensor, rewrites: Rewrites | None = None
+) -> tuple[torch.Tensor, dict]:
     """Mean symmetric InfoNCE over the modality pairs the global batch holds, against its keys.
 
     Pairs no sample of the global batch holds are left out of the mean (every rank sees the same flags, so all
@@ -130,10 +150,12 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
     metrics: dict[str, torch.Tensor] = {"temperature": (1.0 / scale).detach()}
     for a, b in PAIRS:
         rows = has[a] & has[b]
-        loss_ab, acc_ab = info_nce(emb[a], keys[index[b]], key_valid[index[b]], offset, rows, scale,
-                                   rewrites if b == "text" else None)
-        loss_ba, acc_ba = info_nce(emb[b], keys[index[a]], key_valid[index[a]], offset, rows, scale,
-                                   rewrites if a == "text" else None)
+        loss_ab, acc_ab = info_nce(
+            emb[a], keys[index[b]], key_valid[index[b]], offset, rows, scale, rewrites if b == "text" else None
+        )
+        loss_ba, acc_ba = info_nce(
+            emb[b], keys[index[a]], key_valid[index[a]], offset, rows, scale, rewrites if a == "text" else None
+        )
         pair_loss = (loss_ab + loss_ba) / 2
         total = total + pair_loss
         metrics[f"{a}_{b}_loss"] = pair_loss.detach()
@@ -144,17 +166,21 @@ def contrastive_loss(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
     return total / held.clamp(min=1), metrics  # a tensor: no host sync per step on a GPU
 
 
-def hard_negative_accuracy(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
-                           rewrites: Rewrites) -> dict[str, torch.Tensor]:
+def hard_negative_accuracy(
+    emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], rewrites: Rewrites
+) -> dict[str, torch.Tensor]:
     """<m>_hard_negative_acc: the share of the samples with m, a caption and hard negatives whose m embedding
     scores its own caption above every one of its hard negatives."""
-    return {f"{m}_hard_negative_acc": wins.sum() / rows.sum().clamp(min=1)
-            for m, (wins, rows) in beats_hard_negatives(emb, has, rewrites).items()}
+    return {
+        f"{m}_hard_negative_acc": wins.sum() / rows.sum().clamp(min=1)
+        for m, (wins, rows) in beats_hard_negatives(emb, has, rewrites).items()
+    }
 
 
 @torch.no_grad()
-def beats_hard_negatives(emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
-                         rewrites: Rewrites) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def beats_hard_negatives(
+    emb: dict[str, torch.Tensor], has: dict[str, torch.Tensor], rewrites: Rewrites
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per non-text modality m: (wins [B], rows [B]): whether m's embedding scores its caption above every hard
     negative of it, on the rows that have m, a caption and at least one hard negative."""
     negative = rewrites.present & ~rewrites.positive

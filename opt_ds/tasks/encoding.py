@@ -51,17 +51,24 @@ def encode_requests(model: OPTModel, requests: list[EncoderRequest]) -> list[tup
     if extras:  # appended below the batch's text rows, padded to one length
         width = max(length, *(ids.shape[1] for ids, _ in extras))
         for key, part in (("text_ids", 0), ("text_mask", 1)):
-            joint[key] = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in [joint[key], *(e[part] for e in extras)]])
-    uni = model.unimodal(joint, patch_mask=_joint_mask([r.patch_mask for r in ordered]),
-                         audio_token_mask=_joint_mask([r.audio_token_mask for r in ordered]))
+            joint[key] = torch.cat(
+                [F.pad(t, (0, width - t.shape[1])) for t in [joint[key], *(e[part] for e in extras)]]
+            )
+    uni = model.unimodal(
+        joint,
+        patch_mask=_joint_mask([r.patch_mask for r in ordered]),
+        audio_token_mask=_joint_mask([r.audio_token_mask for r in ordered]),
+    )
     extra_text, extra_text_valid = uni.text[rows:], uni.text_valid[rows:]
     uni = replace(uni, text=uni.text[:rows, :length], text_valid=uni.text_valid[:rows, :length])
     sizes = [r.batch["text_ids"].shape[0] for r in ordered]
     fused_rows = sum(size for r, size in zip(ordered, sizes) if r.fuse)
     fused = None
     if fused_rows:
-        keep = {m: torch.cat([(r.keep or {}).get(m, torch.ones_like(r.batch[f"has_{m}"])) for r in ordered if r.fuse])
-                for m in MODALITY_ORDER}
+        keep = {
+            m: torch.cat([(r.keep or {}).get(m, torch.ones_like(r.batch[f"has_{m}"])) for r in ordered if r.fuse])
+            for m in MODALITY_ORDER
+        }
         fused_batch = {f"has_{m}": joint[f"has_{m}"][:fused_rows] for m in MODALITY_ORDER}
         fused = model.fuse(uni.rows(slice(0, fused_rows)), fused_batch, keep)
     results: list[tuple[Unimodal, Fused | None]] = [None] * len(requests)  # type: ignore[list-item]

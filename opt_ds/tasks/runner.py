@@ -12,8 +12,9 @@ from opt_ds.tasks.base import TaskContext
 from opt_ds.tasks.encoding import encode_requests
 
 
-def run_tasks(model, batch: dict, plan: list[tuple[str, float]], ctx: TaskContext,
-              tasks: dict) -> tuple[torch.Tensor, dict[str, float]]:
+def run_tasks(
+    model, batch: dict, plan: list[tuple[str, float]], ctx: TaskContext, tasks: dict
+) -> tuple[torch.Tensor, dict[str, float]]:
     """-> (weighted total loss, metrics as floats named task/metric)."""
     prepared = [tasks[name].prepare(model, batch, ctx) for name, _ in plan]
     encoded = encode_requests(model, [request for request, _ in prepared])

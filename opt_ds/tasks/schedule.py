@@ -30,8 +30,22 @@ class StageConfig:
 class ScheduleConfig:
     mode: str = "sample"
     seed: int = 0
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(
-        "all", {"mlm": 1.0, "mvm": 1.0, "mam": 1.0, "text_gen": 1.0, "image_gen": 1.0, "matching": 1.0, "contrastive": 1.0})])
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [
+            StageConfig(
+                "all",
+                {
+                    "mlm": 1.0,
+                    "mvm": 1.0,
+                    "mam": 1.0,
+                    "text_gen": 1.0,
+                    "image_gen": 1.0,
+                    "matching": 1.0,
+                    "contrastive": 1.0,
+                },
+            )
+        ]
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in TASK_MODES:
@@ -56,7 +70,9 @@ class TaskScheduler:
             for stage in cfg.stages:
                 unknown = sorted(set(stage.tasks) - known_tasks)
                 if unknown:
-                    raise ValueError(f"stage '{stage.name}': unknown task '{unknown[0]}' (known: {', '.join(sorted(known_tasks))})")
+                    raise ValueError(
+                        f"stage '{stage.name}': unknown task '{unknown[0]}' (known: {', '.join(sorted(known_tasks))})"
+                    )
 
     def stage(self, step: int) -> tuple[int, StageConfig]:
         for i, stage in enumerate(self.cfg.stages):
@@ -74,8 +90,11 @@ class TaskScheduler:
         return [(rng.choices(names, weights=[stage.tasks[n] for n in names])[0], 1.0)]
 
     def state_dict(self) -> dict:
-        return {"mode": self.cfg.mode, "seed": self.cfg.seed,
-                "stages": [[s.name, s.until_step, dict(s.tasks)] for s in self.cfg.stages]}
+        return {
+            "mode": self.cfg.mode,
+            "seed": self.cfg.seed,
+            "stages": [[s.name, s.until_step, dict(s.tasks)] for s in self.cfg.stages],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """The schedule is a pure function of (config, step): a resumed run must use the same one."""

@@ -1,0 +1,149 @@
+"""The experiment config: one validated YAML file (+ `--set key=value` overrides) for a whole run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opt_ds.config.fields import ConfigError, from_dict, to_dict
+from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.stream import ReaderConfig, SourceConfig
+from opt_ds.tasks.schedule import ScheduleConfig
+from opt_ds.tasks.settings import TasksConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS_DIR = REPO_ROOT / "opt_ds" / "configs"
+STAGES = ("pretrain", "vqvae")
+RANDOM_IMAGE_TOKENIZER = "random"  # image_tokenizer value: an untrained VQ-VAE, for speed benchmarks and tests only
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: list[SourceConfig]
+    eval_shards: str | None = None  # held-out shards for retrieval and generation
+    eval_samples: int = 256
+    eval_generate: int = 64  # of those, captioned from each source and drawn from their captions, and scored
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    lr_scale: dict[str, float] = field(default_factory=dict)  # model component -> multiplier of lr (e.g. decoders)
+
+    def __post_init__(self) -> None:
+        from opt_ds.model.opt import COMPONENTS
+
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        for component, scale in self.lr_scale.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"lr_scale: unknown component '{component}' (known: {', '.join(COMPONENTS)})")
+            if scale <= 0:
+                raise ValueError(f"lr_scale.{component} must be > 0, got {scale}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when data.eval_shards is set)
+    save_every: int = 500  # 0: only at the end
+    keep_last: int = 3
+    seed: int = 0
+    gradient_accumulation: int = 1
+    grad_clip: float = 1.0
+    generations: int = 4  # of the generated captions and images, those logged to TensorBoard per evaluation
+    log_sample_keys: bool = False  # write the keys of every consumed sample to logs/keys_rank*.jsonl
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "keep_last", "gradient_accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig
+    stage: str = "pretrain"
+    model: str = "tiny"  # a named model config or a YAML path
+    model_overrides: dict = field(default_factory=dict)
+    image_tokenizer: str | None = (
+        None  # an exported VQ-VAE (.safetensors) for MVM and image generation; "random": untrained
+    )
+    deepspeed: str = "ds_configs/zero3_bf16.json"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)  # each task's masking, loss and sampling settings
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got '{self.stage}'")
+
+    @property
+    def trained_image_tokenizer(self) -> str | None:
+        """The exported VQ-VAE's path; None without one or for 'random' (whose codes mean nothing to score)."""
+        return None if self.image_tokenizer in (None, RANDOM_IMAGE_TOKENIZER) else self.image_tokenizer
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.setdefault(key, {}), dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a mapping")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (configs and ds_configs ship there)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    for base in (REPO_ROOT, CONFIGS_DIR):
+        if (base / p).exists():
+            return base / p
+    return p
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    config_path = resolve_path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    return from_dict(ExperimentConfig, data, where=config_path.name)
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)

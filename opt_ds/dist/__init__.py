@@ -1,0 +1,2 @@
+"""Processes: the process group (`process`), how ranks find each other under srun / mpirun / deepspeed
+(`launch`), and Slurm host lists (`hostfile`)."""

@@ -1,0 +1,78 @@
+"""Process-group set-up and the few collectives the trainer needs, for 1 process or many."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group (gloo on CPU, nccl on CUDA) however the job was launched; -> (rank, local_rank, world)."""
+    import deepspeed
+
+    from opt_ds.dist.launch import choose_gloo_interface, fix_mpi_local_rank, prepare_environment
+
+    method = prepare_environment()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        choose_gloo_interface()
+    # MPI discovery sets MASTER_PORT to `distributed_port`: hand it the job's port, not DeepSpeed's fixed 29500
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=method == "mpi",
+                               distributed_port=int(os.environ.get("MASTER_PORT") or 29500),
+                               timeout=timedelta(minutes=30))
+    if method == "mpi":
+        fix_mpi_local_rank()
+    unlink_shm_allreduce_buffer()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm op (CPU accelerator, all ranks on one node) creates a ~70 MB segment per rank and never
+    unlinks it: every run left them in /dev/shm, which is RAM. The mappings stay valid after the unlink, and
+    the memory is freed when the last rank exits, also after a crash.
+    """
+    if torch.cuda.is_available():
+        return
+    barrier()  # shm_initialize returns only after opening every other rank's buffer
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def all_gather_object(obj):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (e.g. a stop signal seen by one process)."""
+    return all_reduce([1.0 if flag else 0.0], "max")[0] > 0

@@ -1,0 +1,225 @@
+"""Sharded DeepSpeed checkpoints with the run state around them.
+
+Layout: CK/step_00001000/ holds DeepSpeed's shards, data_rank{r}.json (each rank's reader position),
+rng_rank{r}.pt, meta.json, and COMPLETE, written by rank 0 only after every rank finished writing.
+`CK/latest` names the newest complete one. A crash mid-save leaves a directory without COMPLETE,
+which resume ignores: the last good checkpoint is never touched before the new one is complete.
+
+`Checkpointer` is what the trainer holds: it finds the checkpoint to resume from (converting it when the world
+size changed), loads it, saves and prunes; the functions below are its parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opt_ds.dist.process import barrier
+
+log = logging.getLogger("opt_ds.train.checkpoint")
+COMPLETE = "COMPLETE"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, partial, or does not match this run."""
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted((p for p in found if is_complete(p)), key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """`auto`: the newest complete checkpoint under root (or none); `none`; or a checkpoint directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    path = Path(resume)
+    if path.is_dir() and not path.name.startswith(PREFIX):  # a checkpoints root: its newest
+        done = complete_checkpoints(path)
+        if not done:
+            raise CheckpointError(f"--resume {resume}: no complete checkpoint in that directory")
+        return done[-1]
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: checkpoint directory not found")
+    if not is_complete(path):
+        raise CheckpointError(f"--resume {resume}: partial checkpoint (no {COMPLETE} marker); a save did not finish")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(
+    engine, root: Path, step: int, rank: int, world_size: int, data_state: dict, extra_meta: dict, keep_last: int
+) -> Path:
+    """Collective: every rank calls it at the same step."""
+    tag = tag_for(step)
+    path = root / tag
+    if rank == 0 and path.exists():  # an earlier, interrupted save of this very step
+        shutil.rmtree(path)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    _write_atomic(path / f"data_rank{rank}.json", json.dumps(data_state))
+    torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
+    barrier()  # every rank's shards and state are on disk
+    if rank == 0:
+        meta = {"step": step, "world_size": world_size, "time": time.time(), **extra_meta}
+        _write_atomic(path / "meta.json", json.dumps(meta, indent=1))
+        _write_atomic(path / COMPLETE, "")
+        _write_atomic(root / "latest", tag)
+        prune(root, keep_last)
+    barrier()
+    return path
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and older partial ones."""
+    done = complete_checkpoints(root)
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = int(done[-1].name[len(PREFIX) :]) if done else -1
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and not is_complete(p):
+            number = p.name[len(PREFIX) :].split("_")[0]
+            if number.isdigit() and int(number) < newest:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def universal_tag(path: Path) -> str:
+    return path.name + "_universal"
+
+
+def convert_to_universal(path: Path, rank: int) -> str:
+    """Rank 0 converts a checkpoint for another world size (DeepSpeed's ds_to_universal); -> the tag to load."""
+    target = path.parent / universal_tag(path)
+    if rank == 0 and not (target / COMPLETE).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        log.info("world size changed: converting %s to a universal checkpoint", path)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(path),
+                "--output_folder",
+                str(target),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed for {path}:\n{proc.stderr[-3000:]}")
+        (target / COMPLETE).write_text("")
+    barrier()
+    return target.name
+
+
+def read_data_state(path: Path, rank: int) -> dict:
+    """This rank's data-reader position in a checkpoint: read before the engine exists, so the loader's
+    workers can start decoding while the engine is built."""
+    data_file = path / f"data_rank{rank}.json"
+    if not data_file.is_file():
+        raise CheckpointError(f"{path}: no data state for rank {rank}")
+    return json.loads(data_file.read_text())
+
+
+def load(engine, path: Path, rank: int, universal: bool) -> None:
+    """Load model, optimizer and scheduler state, and this rank's RNG state (not after a world-size change)."""
+    tag = universal_tag(path) if universal else path.name
+    loaded, _ = engine.load_checkpoint(
+        str(path.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {path.parent / tag}")
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not universal and rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint this run resumes from; `universal` when it was saved by another world size."""
+
+    path: Path
+    step: int
+    saved_world_size: int
+    universal: bool
+
+
+class Checkpointer:
+    """Saving, finding, resuming (same or different world size) and pruning of one run's checkpoints."""
+
+    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int):
+        self.root, self.rank, self.world_size, self.keep_last = root, rank, world_size, keep_last
+
+    def resume_point(self, resume: str, ds_config: dict) -> ResumePoint | None:
+        """The checkpoint `--resume` names (auto: the newest complete one), or None. From another world size it
+        is converted to a universal checkpoint first, and `ds_config` told to load that."""
+        path = find_resume(self.root, resume)
+        if path is None:
+            return None
+        saved = read_meta(path)
+        point = ResumePoint(path, saved["step"], saved["world_size"], saved["world_size"] != self.world_size)
+        if point.universal:
+            convert_to_universal(path, self.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
+        return point
+
+    def data_state(self, point: ResumePoint | None) -> dict | None:
+        """This rank's reader position to continue from; None when starting fresh or after a world-size change
+        (the data stream restarts)."""
+        return None if point is None or point.universal else read_data_state(point.path, self.rank)
+
+    def load(self, engine, point: ResumePoint | None) -> int:
+        """Model, optimizer, scheduler and RNG state into the engine; -> the step to continue from."""
+        if point is None:
+            return 0
+        load(engine, point.path, self.rank, point.universal)
+        if point.universal:
+            log.warning(
+                "world size changed (%d -> %d): model and optimizer resumed at step %d, the data stream restarts",
+                point.saved_world_size,
+                self.world_size,
+                point.step,
+            )
+        log.info("resumed from %s at step %d", point.path, point.step)
+        return point.step
+
+    def save(self, engine, step: int, data_state: dict, meta: dict) -> Path:
+        """Collective: every rank calls it at the same step; older checkpoints beyond keep_last are pruned."""
+        return save(engine, self.root, step, self.rank, self.world_size, data_state, meta, self.keep_last)

@@ -1,0 +1,125 @@
+"""The house rules, checked by the suite: the linter's settings, module sizes, and the fast unit checks of the
+components that the multi-process tests otherwise cover only end to end (task settings, checkpoints, LR)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from opt_ds.config.fields import ConfigError, from_dict
+from opt_ds.tasks import TasksConfig, build_tasks
+
+MAX_MODULE_LINES = 400
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+def test_code_is_clean_under_pyproject_ruff_settings(command):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "--no-cache", "opt_ds", "tests", "benchmarks"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_no_package_module_over_400_lines():
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in (REPO / "opt_ds").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"split these modules: {long}"
+
+
+def test_task_settings_default_to_the_measured_constants_and_reach_the_tasks():
+    tasks = build_tasks(
+        from_dict(TasksConfig, {"mlm": {"mask_ratio": 0.4}, "text_gen": {"partner_split": [0.5, 0.2, 0.3]}})
+    )
+    assert tasks["mlm"].settings.mask_ratio == 0.4 and tasks["mlm"].settings.whole_modality_prob == 0.3
+    assert tasks["mvm"].settings.mask_ratio == 0.15
+    assert tasks["text_gen"].settings.partner_split == [0.5, 0.2, 0.3]
+    assert tasks["image_gen"].settings.partner_split == [0.3, 0.3, 0.4]
+    assert tasks["mam"].settings.temperature == 0.1 and tasks["matching"].settings.class_probs == [0.2] * 5
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"mlm": {"mask_ratio": 0.0}}, "tasks.mlm.mask_ratio must be in (0, 1]"),
+        ({"text_gen": {"partner_split": [0.5, 0.5, 0.5]}}, "tasks.text_gen.partner_split needs 3"),
+        ({"matching": {"class_probs": [1.0]}}, "tasks.matching.class_probs needs 5"),
+        ({"mam": {"temperature": 0}}, "temperature > 0"),
+        ({"mlm": {"mask_rate": 0.2}}, "mask_rate"),
+    ],
+)
+def test_bad_task_settings_name_the_key(section, message):
+    with pytest.raises(
+        (ConfigError, ValueError),
+        match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ):
+        from_dict(TasksConfig, section)
+
+
+def test_a_bad_task_setting_fails_training_at_start_up_with_status_2(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opt_ds.train",
+            "--config",
+            "opt_ds/configs/demo.yaml",
+            "--output",
+            str(tmp_path / "run"),
+            "--set",
+            "tasks.text_gen.partner_split=[1.0, 1.0, 0.0]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "tasks.text_gen.partner_split" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _complete(root: Path, step: int, complete: bool = True) -> Path:
+    from opt_ds.train.checkpoint import COMPLETE, tag_for
+
+    path = root / tag_for(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / "meta.json").write_text(f'{{"step": {step}, "world_size": 2}}')
+        (path / COMPLETE).write_text("")
+    return path
+
+
+def test_checkpoints_resume_from_the_newest_complete_and_prune_older_ones(tmp_path):
+    from opt_ds.train.checkpoint import Checkpointer, find_resume, prune
+
+    for step in (100, 200, 300):
+        _complete(tmp_path, step)
+    partial_old, partial_new = _complete(tmp_path, 150, complete=False), _complete(tmp_path, 400, complete=False)
+    assert find_resume(tmp_path, "auto").name.endswith("300")  # the partial step 400 is never resumed from
+    assert find_resume(tmp_path, "none") is None
+    point = Checkpointer(tmp_path, rank=0, world_size=2, keep_last=2).resume_point("auto", {})
+    assert (point.step, point.universal) == (300, False)
+    prune(tmp_path, keep_last=2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["step_00000200", "step_00000300", "step_00000400"]  # a partial save newer than all is kept
+    assert not partial_old.exists() and partial_new.exists()
+
+
+def test_lr_schedule_warms_up_then_decays_to_its_floor():
+    from opt_ds.config.experiment import OptimConfig
+    from opt_ds.zero.engine import warmup_cosine
+
+    factor = warmup_cosine(OptimConfig(warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.55)
+    assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
