@@ -123,3 +123,34 @@ def test_lr_schedule_warms_up_then_decays_to_its_floor():
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.55)
     assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+
+
+def test_metric_window_reduces_means_task_shares_and_counters_on_one_rank():
+    from opt_ds.train.metrics import MetricWindow
+
+    window = MetricWindow()
+    tokens = {"text": 10.0, "image": 20.0, "audio": 0.0}
+    window.add_step({"mlm/loss": 2.0}, 2.0, [("mlm", 1.0)], 8, 1e9, tokens, 0.0)
+    window.add_step({"mlm/loss": 4.0, "mvm/loss": 1.0}, 5.0, [("mlm", 1.0), ("mvm", 1.0)], 8, 1e9, tokens, 0.0)
+    out = window.reduce(peak_tflops=1.0, world_size=1, sums={"data/samples_seen": 16.0})
+    assert out["mlm/loss"] == 3.0 and out["mvm/loss"] == 1.0 and out["loss/total"] == 3.5
+    assert out["data/samples_seen"] == 16.0
+    assert out["schedule/task_frac/mlm"] == 1.0 and out["schedule/task_frac/mvm"] == 0.5  # share of steps
+    assert out["perf/samples_per_s"] > 0 and out["perf/step_time_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.stepz=5"], "stepz"),
+        (["train.steps=many"], "train.steps"),
+        (["optim.lr_scale.decoder=2"], "unknown component 'decoder'"),
+        (["stage=finetune"], "stage must be one of"),
+        (["train.steps"], "key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    from opt_ds.config.experiment import load_config
+
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config("opt_ds/configs/demo.yaml", overrides)

@@ -17,7 +17,16 @@ from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, load_model_config
 from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
-from opt_ds.tasks import TASKS, ScheduleConfig, StageConfig, TaskContext, TaskScheduler, run_tasks, step_generator
+from opt_ds.tasks import (
+    TASKS,
+    ScheduleConfig,
+    StageConfig,
+    TaskContext,
+    TaskScheduler,
+    build_tasks,
+    run_tasks,
+    step_generator,
+)
 from opt_ds.tasks.base import bert_corrupt, choose_mask, text_candidates
 from opt_ds.tasks.contrastive import PAIRS, Rewrites, contrastive_loss, info_nce
 from opt_ds.tasks.matching import swap_sources
@@ -154,7 +163,7 @@ def test_every_data_mix_runs_the_same_modules(setup, name):
 def test_one_encoder_pass_for_all_tasks_gives_each_task_its_own_loss_and_runs_every_module_once(setup):
     """The runner encodes all tasks of a step together: same losses as one task at a time, one call per module."""
     cfg, model, vq, batch = setup
-    tasks = {name: cls() for name, cls in TASKS.items()}
+    tasks = build_tasks()
     plan = [(name, 1.0) for name in sorted(TASKS)]
     alone = {}
     ctx = ctx_for(vq, step=3)
