@@ -22,6 +22,10 @@ from opt_ds.data.tokenizer import load_tokenizer
 Parsed = TypeVar("Parsed")
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# Audio at these rates only: resampling from an odd rate (say 12503 Hz) builds a kernel sized by the rates'
+# greatest common divisor, gigabytes for one clip. Every common recording rate is here.
+SAMPLE_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000, 88_200, 96_000)
+CHARS_PER_TOKEN = 32  # a caption is cut to this many characters per text token before tokenising
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class SampleDecoder:
         """Mono 16 kHz waveform (first max_audio_seconds) -> normalised log-mel frames [T, n_mels]."""
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
+            if rate not in SAMPLE_RATES:
+                raise ValueError(f"sample rate {rate} Hz is not one of {', '.join(map(str, SAMPLE_RATES))}")
             wanted = int(self.cfg.max_audio_seconds * rate)
             frames = f.read(wanted if f.frames <= 0 else min(f.frames, wanted), dtype="float32", always_2d=True)
         if frames.shape[0] == 0:
@@ -100,6 +106,9 @@ class SampleDecoder:
         return (fbank - self.cfg.fbank_mean) / (2 * self.cfg.fbank_std)
 
     def text(self, caption: str) -> torch.Tensor:
+        """WordPiece ids, truncated; the caption is cut to CHARS_PER_TOKEN x max_text_tokens characters first, so a
+        megabyte caption costs no more than a long one (tokenisers truncate only after tokenising it all)."""
+        caption = caption[: CHARS_PER_TOKEN * self.cfg.max_text_tokens]
         ids = self.tokenizer(caption, truncation=True, max_length=self.cfg.max_text_tokens)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 

@@ -10,6 +10,21 @@ CAPTION_JSON_FIELDS = ("text", "caption")
 REWRITE_JSON_FIELDS = ("paraphrases", "hard_negatives")  # UNIMO's caption rewrites, in KEY.json
 CLASS_JSON_FIELDS = ("label_name", "label")  # the sample's class as text (zero-shot classification prompts)
 MODALITIES = ("image", "text", "audio")
+MAX_JSON_BYTES = 1 << 20  # KEY.json holds a caption, its rewrites and a label: a larger one is not metadata
+
+
+def key_json(sample: dict):
+    """KEY.json parsed once per sample (cached in the sample as `__json__`), {} without one. Raises ValueError for
+    one over MAX_JSON_BYTES (refused before parsing) or nested too deep for the parser."""
+    if "__json__" not in sample:
+        data = sample.get("json")
+        if data is not None and len(data) > MAX_JSON_BYTES:
+            raise ValueError(f"KEY.json of {len(data)} bytes > {MAX_JSON_BYTES}")
+        try:
+            sample["__json__"] = json.loads(data) if data is not None else {}
+        except RecursionError:
+            raise ValueError("KEY.json nested too deep") from None
+    return sample["__json__"]
 
 
 def first_present(sample: dict, extensions: tuple[str, ...]) -> tuple[str, bytes] | None:
@@ -24,7 +39,7 @@ def caption_bytes(sample: dict) -> str | None:
     if "txt" in sample:
         return sample["txt"].decode("utf-8")
     if "json" in sample:
-        meta = json.loads(sample["json"])
+        meta = key_json(sample)
         if isinstance(meta, dict):
             for field in CAPTION_JSON_FIELDS:
                 if isinstance(meta.get(field), str):
@@ -36,7 +51,7 @@ def caption_rewrites(sample: dict) -> dict[str, list[str]]:
     """The caption's rewrites from KEY.json: `paraphrases` (extra positives) and `hard_negatives` (captions
     with an object, attribute or count changed), each a string or a list of strings; absent fields give [].
     Raises ValueError naming the field when it holds anything else."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = key_json(sample)
     rewrites = {}
     for field in REWRITE_JSON_FIELDS:
         value = meta.get(field, []) if isinstance(meta, dict) else []
@@ -50,7 +65,7 @@ def caption_rewrites(sample: dict) -> dict[str, list[str]]:
 def class_name(sample: dict) -> str | None:
     """The sample's class for zero-shot classification: KEY.json `label_name`, else a text `label` (a manifest's
     label column); a numeric label alone names no class."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = key_json(sample)
     if isinstance(meta, dict):
         for field in CLASS_JSON_FIELDS:
             if isinstance(meta.get(field), str) and meta[field].strip():

@@ -249,7 +249,10 @@ class StreamingDataset(IterableDataset):
             raw = streams[i].next()
             if raw is None:
                 continue
-            decoded, problems = decoder(raw)
+            try:
+                decoded, problems = decoder(raw)
+            except Exception as exc:  # noqa: BLE001  one sample never ends a run: counted, named, skipped
+                decoded, problems = None, [("decode_error", f"{type(exc).__name__}: {exc}"[:300])]
             for reason, detail in problems:
                 skips.add(reason, f"{raw.get('__url__')}:{raw.get('__key__')}", detail)
             if decoded is None:
