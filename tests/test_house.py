@@ -3,6 +3,8 @@ components that the multi-process tests otherwise cover only end to end (task se
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +156,21 @@ def test_config_errors_name_the_key(overrides, message):
 
     with pytest.raises((ConfigError, ValueError), match=message):
         load_config("opt_ds/configs/demo.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "bf16 and fp16 are both enabled"),
+        ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+    ],
+)
+def test_bad_deepspeed_json_names_the_key(tmp_path, section, message):
+    from opt_ds.config.experiment import load_config
+    from opt_ds.zero.config import load_deepspeed_config
+
+    (tmp_path / "ds.json").write_text(json.dumps(section))
+    cfg = load_config("opt_ds/configs/demo.yaml", [f"deepspeed={tmp_path / 'ds.json'}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_deepspeed_config(cfg, 10_000_000)

@@ -10,7 +10,9 @@ import yaml
 
 from opt_ds.config.fields import ConfigError, from_dict, to_dict
 from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig
+from opt_ds.model.config import ModelConfig
 from opt_ds.tasks.schedule import ScheduleConfig
 from opt_ds.tasks.settings import TasksConfig
 
@@ -43,8 +45,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         from opt_ds.model.opt import COMPONENTS
 
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas needs two values in [0, 1), got {self.betas}")
+        if not self.lr > 0 or not self.eps > 0:
+            raise ValueError(f"optim.lr and optim.eps must be > 0, got {self.lr} and {self.eps}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"optim.weight_decay and optim.warmup_steps must be >= 0, got {self.weight_decay} "
+                f"and {self.warmup_steps}"
+            )
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         for component, scale in self.lr_scale.items():
             if component not in COMPONENTS:
                 raise ValueError(f"lr_scale: unknown component '{component}' (known: {', '.join(COMPONENTS)})")
@@ -69,6 +80,11 @@ class RunConfig:
         for name in ("steps", "log_every", "keep_last", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "generations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,27 @@ def load_config(path: str, overrides: list[str] | None = None) -> ExperimentConf
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     return from_dict(ExperimentConfig, data, where=config_path.name)
+
+
+def check_fits_model(cfg: ExperimentConfig, model_cfg: ModelConfig) -> None:
+    """What the data decodes must fit the model, and the held-out shards must exist: checked at start-up rather
+    than at the first batch, long caption or evaluation that does not."""
+    decode = cfg.data.decode
+    if decode.image_size != model_cfg.vision.image_size:
+        raise ConfigError(
+            f"data.decode.image_size: {decode.image_size} px, but model {model_cfg.name} takes "
+            f"{model_cfg.vision.image_size} px images (vision.image_size)"
+        )
+    if decode.max_text_tokens > model_cfg.text.max_len:
+        raise ConfigError(
+            f"data.decode.max_text_tokens: {decode.max_text_tokens}, but model {model_cfg.name} reads "
+            f"at most {model_cfg.text.max_len} text tokens (text.max_len)"
+        )
+    if cfg.data.eval_shards:
+        try:
+            expand_shards(cfg.data.eval_shards)
+        except ShardSpecError as exc:
+            raise ConfigError(f"data.eval_shards: {exc}") from None
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

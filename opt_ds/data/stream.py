@@ -65,6 +65,15 @@ class ReaderConfig:
     # decode mostly while the ranks wait. 0 leaves them at the trainer's priority.
     worker_nice: int = 19
 
+    def __post_init__(self) -> None:
+        for name, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("prefetch_factor", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"data.reader.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"data.reader.max_epochs must be >= 1 (or null: forever), got {self.max_epochs}")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError(f"data.reader.worker_nice must be in 0..19, got {self.worker_nice}")
+
 
 @dataclass
 class SourcePosition:

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from opt_ds.config.experiment import config_to_yaml, load_config
+from opt_ds.config.experiment import check_fits_model, config_to_yaml, load_config
 from opt_ds.config.fields import ConfigError
 from opt_ds.data.stream import make_loader, start_worker_server
 from opt_ds.data.tokenizer import load_tokenizer
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = TaskScheduler(cfg.schedule, set(TASKS))
         ds_config = load_deepspeed_config(cfg, parameter_count(model_cfg)["total"])
         loader_check = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader)  # shard specs checked
+        check_fits_model(cfg, model_cfg)
         stage = stage_of(cfg)
         stage.check(cfg, scheduler)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

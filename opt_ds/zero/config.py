@@ -63,6 +63,10 @@ def load_deepspeed_config(cfg: ExperimentConfig, parameters: int) -> dict:
             "fp32" if cfg.train.gradient_accumulation > 1 else "bf16" if ds.get("bf16", {}).get("enabled") else "fp16"
         )
     zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: bf16 and fp16 are both enabled; choose one")
     for key in AUTO_BUCKET_KEYS:
         if zero.get(key) == "auto":
             zero[key] = auto_bucket_size(parameters)
