@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
-from helpers import REPO
+from helpers import REPO, train_ranks
 
 STREAM_AND_MEASURE = """
 import json, resource, sys
@@ -65,3 +67,62 @@ def test_adversarial_samples_are_counted_skips_with_bounded_memory(tmp_path):
     assert report["skips"]["bad_json"] == 2  # the deep and the oversized KEY.json, named in the log
     assert report["skips"]["bad_audio"] == 1  # the odd rate
     assert report["grown_mb"] < 600, report
+
+
+def test_divergence_guard_skips_non_finite_and_spiking_steps_and_counts_them_in_a_row():
+    import torch
+
+    from opt_ds.train.guard import DivergenceGuard
+
+    guard = DivergenceGuard(max_in_a_row=3, spike_factor=10.0)
+    assert guard.accept(torch.tensor(8.0), {"mlm/loss": 6.0, "contrastive/loss": 2.0}, 0)
+    assert guard.accept(torch.tensor(5.0), {"mam/loss": 0.1}, 1)  # a task with its own, smaller scale
+    assert not guard.accept(torch.tensor(float("nan")), {"mlm/loss": float("nan")}, 2)
+    assert not guard.accept(torch.tensor(100.0), {"mlm/loss": 70.0}, 3)  # 70 > 10 x median 6
+    assert guard.in_a_row == 2 and not guard.diverged and not guard.healthy
+    assert guard.accept(torch.tensor(9.0), {"mlm/loss": 55.0}, 4)  # within 10x: accepted, resets the run
+    assert guard.healthy and guard.skipped == 2
+    for step in range(5, 8):
+        assert not guard.accept(torch.tensor(float("inf")), {}, step)
+    assert guard.diverged and guard.skipped == 5
+
+
+def run_config(path: Path, shards: Path, **train) -> Path:
+    import yaml
+
+    cfg = {
+        "model": "tiny",
+        "image_tokenizer": "random",
+        "data": {
+            "sources": [{"name": "triplets", "shards": str(shards)}],
+            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+            "reader": {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
+        },
+        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+        "optim": {"lr": 3e-4, "warmup_steps": 0},
+        "train": {"steps": 12, "log_every": 1, "save_every": 1, "keep_last": 20, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow  # two 2-rank runs
+def test_a_diverging_run_stops_with_status_3_and_saves_nothing_diverged(synthetic_shards, tmp_path):
+    """lr 1e4: the loss goes from ~14 to ~1e9 in one step and stays finite; the guard skips the spiking steps and
+    the fifth in a row ends the run (it used to end with status 0 and keep_last kept only diverged checkpoints).
+    With a hair-trigger spike factor, steps are skipped and training goes on through ZeRO-3 to its end."""
+    from opt_ds.train.metrics import tensorboard_scalars
+
+    config = run_config(tmp_path / "diverging.yaml", synthetic_shards)
+    proc = train_ranks(2, "--config", str(config), "--output", str(tmp_path / "run"), "--set", "optim.lr=1e4", expect=3)
+    assert "diverged: 5 micro-steps in a row up to step 5" in proc.stdout
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert saved == ["step_00000001"]  # the update that diverged is the last one saved; none after it
+    assert max(tensorboard_scalars(tmp_path / "run" / "tb")["optim/diverging_skipped"].values()) == 4
+
+    jumpy = ["train.loss_spike_factor=1.1", "train.max_skipped_in_a_row=100", "train.steps=20", "train.save_every=0"]
+    train_ranks(2, "--config", str(config), "--output", str(tmp_path / "jumpy"), *(f"--set={kv}" for kv in jumpy))
+    scalars = tensorboard_scalars(tmp_path / "jumpy" / "tb")
+    assert 0 < max(scalars["optim/diverging_skipped"].values()) < 19  # some steps skipped, most trained
+    losses = scalars["loss/total"]
+    assert losses[max(losses)] < losses[min(losses)]  # it still learns after skipped steps

@@ -75,14 +75,20 @@ class RunConfig:
     grad_clip: float = 1.0
     generations: int = 4  # of the generated captions and images, those logged to TensorBoard per evaluation
     log_sample_keys: bool = False  # write the keys of every consumed sample to logs/keys_rank*.jsonl
+    # the divergence guard (opt_ds/train/guard.py): a micro-step whose loss is not finite, or whose task loss is over
+    # loss_spike_factor x that task's recent median (0: no spike check), is skipped; this many in a row end the run
+    max_skipped_in_a_row: int = 5
+    loss_spike_factor: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "keep_last", "gradient_accumulation"):
+        for name in ("steps", "log_every", "keep_last", "gradient_accumulation", "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "generations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
+            raise ValueError(f"train.loss_spike_factor must be > 1 (or 0: off), got {self.loss_spike_factor}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
 

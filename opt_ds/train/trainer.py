@@ -21,6 +21,7 @@ from opt_ds.evaluate.suite import evaluate_model
 from opt_ds.model.config import ModelConfig
 from opt_ds.train import memory
 from opt_ds.train.checkpoint import Checkpointer
+from opt_ds.train.guard import EXIT_DIVERGED, DivergenceGuard
 from opt_ds.train.metrics import (
     MetricWindow,
     Reporter,
@@ -68,15 +69,14 @@ class Trainer:
     ):
         self.cfg, self.model_cfg = cfg, model_cfg
         self.engine, self.lr_scheduler, self.step_fn, self.checkpointer = engine, lr_scheduler, step_fn, checkpointer
-        self.loader, self.batches = (
-            loader,
-            batches,
-        )  # the loader's state is saved; the batches come from its running stream
+        # the loader's state is saved; the batches come from its running stream
+        self.loader, self.batches = loader, batches
         self.run_dir, self.rank, self.world_size, self.start_step = run_dir, rank, world_size, start_step
         self.tokenizer, self.image_tokenizer = tokenizer, image_tokenizer
         self.device, self.dtype = device(), compute_dtype(engine)
         self.reporter = Reporter(run_dir, rank)
         self.stop = StopRequest()
+        self.guard = DivergenceGuard(cfg.train.max_skipped_in_a_row, cfg.train.loss_spike_factor)
         self.keys_file = run_dir / "logs" / f"keys_rank{rank}.jsonl" if cfg.train.log_sample_keys else None
         self.eval_set = None
         self.stop_at = stop_at
@@ -102,6 +102,10 @@ class Trainer:
                 batch = next(self.batches)
                 waited = time.perf_counter() - waited
                 loss, metrics, flops = self.step_fn(self.engine, batch, step, plan, self.device, self.dtype)
+                if not self.guard.accept(loss, metrics, step):
+                    if self.guard.diverged:
+                        return self._diverged(step, bar)
+                    continue
                 metrics["optim/lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
                 self.engine.backward(loss)
                 if step == self.start_step + 1:  # gradients live and optimizer state created by the first step
@@ -125,13 +129,16 @@ class Trainer:
             logged = done % cfg.log_every == 0 or done == cfg.steps
             if logged:
                 values = self._log(done, window, peak)
-                bar.set_postfix(loss=f"{values['loss/total']:.3f}", sps=f"{values['perf/samples_per_s']:.1f}")
+                loss_now = values.get(
+                    "loss/total", float("nan")
+                )  # none when the guard skipped every step of the window
+                bar.set_postfix(loss=f"{loss_now:.3f}", sps=f"{values['perf/samples_per_s']:.1f}")
             if self._due(done, cfg.eval_every):
                 self.evaluate(done)
             stopping = any_rank(self.stop.requested) or (
                 self.stop_at is not None and done >= self.stop_at and done < cfg.steps
             )
-            if stopping or self._due(done, cfg.save_every):
+            if (stopping or self._due(done, cfg.save_every)) and self.guard.healthy:
                 self.save(done)
             if stopping:
                 log.warning("stopped at step %d on request; resume with --resume auto", done)
@@ -161,6 +168,7 @@ class Trainer:
                 "optim/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "optim/loss_scale": float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0,
                 "optim/skipped_steps": float(self.engine.skipped_steps),
+                "optim/diverging_skipped": float(self.guard.skipped),
             }
         )
         scheduler = getattr(self.step_fn, "scheduler", None)  # the VQ-VAE stage has none
@@ -212,6 +220,20 @@ class Trainer:
             recall = {k.removeprefix("eval/"): round(v, 3) for k, v in scores.items() if k.endswith("/R@1")}
             log.info("eval at step %d: %s", step, recall)
             tqdm.write(f"eval at step {step}: R@1 {recall}")
+
+    def _diverged(self, step: int, bar: tqdm) -> int:
+        """End the run: max_skipped_in_a_row micro-steps in a row were skipped; nothing more is saved."""
+        bar.close()
+        message = (
+            f"diverged: {self.guard.in_a_row} micro-steps in a row up to step {step} had a loss that was not finite "
+            "or spiked (train.max_skipped_in_a_row, train.loss_spike_factor); no checkpoint of this state was saved. "
+            "Resume from the last one with a lower optim.lr or more warm-up."
+        )
+        log.error(message)
+        if self.rank == 0:
+            tqdm.write(f"opt_ds.train: {message}")
+        self.reporter.close()
+        return EXIT_DIVERGED
 
     def save(self, step: int) -> None:
         meta = {"stage": self.cfg.stage, "model": self.cfg.model}
