@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from helpers import REPO, train_ranks
+from helpers import REPO, run_module, train_ranks
 
 STREAM_AND_MEASURE = """
 import json, resource, sys
@@ -126,3 +126,28 @@ def test_a_diverging_run_stops_with_status_3_and_saves_nothing_diverged(syntheti
     assert 0 < max(scalars["optim/diverging_skipped"].values()) < 19  # some steps skipped, most trained
     losses = scalars["loss/total"]
     assert losses[max(losses)] < losses[min(losses)]  # it still learns after skipped steps
+
+
+@pytest.mark.slow  # three 2-rank runs and an export
+def test_a_truncated_newest_checkpoint_is_passed_over_and_export_refuses_it(synthetic_shards, tmp_path):
+    """The newest checkpoint's optimizer shard truncated, COMPLETE kept: resuming crashed with two tracebacks on
+    every retry and never tried the intact previous checkpoint, and export failed. Now COMPLETE lists each file's
+    size: resume reports the damage and continues from the previous checkpoint; export names the file."""
+    from opt_ds.train.checkpoint import tag_for
+
+    config = run_config(tmp_path / "c.yaml", synthetic_shards, steps=6, save_every=3)
+    train_ranks(2, "--config", str(config), "--output", str(tmp_path / "run"))
+    newest = tmp_path / "run" / "checkpoints" / tag_for(6)
+    shard = next(newest.glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    export = run_module(
+        "opt_ds.export", "--checkpoint", str(newest), "--out", str(tmp_path / "x.safetensors"), check=False
+    )
+    assert export.returncode == 2 and f"damaged checkpoint: {shard}" in export.stderr, export.stderr[-2000:]
+
+    proc = train_ranks(2, "--config", str(config), "--output", str(tmp_path / "run"), "--set", "train.steps=9")
+    assert f"checkpoint {tag_for(6)} is damaged and is passed over" in proc.stdout
+    logs = (tmp_path / "run" / "logs" / "rank1.log").read_text()
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / tag_for(3)} at step 3" in logs
+    assert (tmp_path / "run" / "checkpoints" / tag_for(9) / "COMPLETE").is_file()

@@ -174,3 +174,20 @@ def test_bad_deepspeed_json_names_the_key(tmp_path, section, message):
     cfg = load_config("opt_ds/configs/demo.yaml", [f"deepspeed={tmp_path / 'ds.json'}"])
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_deepspeed_config(cfg, 10_000_000)
+
+
+def test_a_checkpoint_whose_files_differ_from_their_list_is_passed_over(tmp_path):
+    from opt_ds.train.checkpoint import COMPLETE, CheckpointError, file_sizes, find_resume
+
+    for step in (100, 200):
+        path = _complete(tmp_path, step)
+        (path / "shard.pt").write_bytes(b"x" * 1000)
+        (path / COMPLETE).write_text(json.dumps(file_sizes(path)))
+    damaged = tmp_path / "step_00000200" / "shard.pt"
+    damaged.write_bytes(b"x" * 10)
+    assert find_resume(tmp_path, "auto").name == "step_00000100"
+    with pytest.raises(CheckpointError, match=f"damaged checkpoint: {damaged} holds 10 bytes, 1000 were written"):
+        find_resume(tmp_path, str(damaged.parent))
+    damaged.unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        find_resume(tmp_path, str(damaged.parent))

@@ -68,6 +68,15 @@ def all_gather_object(obj):
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank src's `obj` on every rank (as it is, without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

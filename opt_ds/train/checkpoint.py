@@ -1,9 +1,11 @@
 """Sharded DeepSpeed checkpoints with the run state around them.
 
 Layout: CK/step_00001000/ holds DeepSpeed's shards, data_rank{r}.json (each rank's reader position),
-rng_rank{r}.pt, meta.json, and COMPLETE, written by rank 0 only after every rank finished writing.
-`CK/latest` names the newest complete one. A crash mid-save leaves a directory without COMPLETE,
-which resume ignores: the last good checkpoint is never touched before the new one is complete.
+rng_rank{r}.pt, meta.json, and COMPLETE, written by rank 0 only after every rank has written and synced its
+files to disk. COMPLETE lists every file with its size; resuming checks them, and a damaged newest checkpoint
+(a truncated shard, a missing file) is reported and passed over for the previous one. `CK/latest` names the
+newest complete one. A crash mid-save leaves a directory without COMPLETE, which resume ignores: the last good
+checkpoint is never touched before the new one is complete.
 
 `Checkpointer` is what the trainer holds: it finds the checkpoint to resume from (converting it when the world
 size changed), loads it, saves and prunes; the functions below are its parts.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from opt_ds.dist.process import barrier
+from opt_ds.dist.process import barrier, broadcast_object
 
 log = logging.getLogger("opt_ds.train.checkpoint")
 COMPLETE = "COMPLETE"
@@ -42,6 +44,31 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
 
 
+def file_sizes(path: Path) -> dict[str, int]:
+    """Every file under a checkpoint directory (but COMPLETE) -> its size in bytes."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != COMPLETE)
+    return {str(f.relative_to(path)): f.stat().st_size for f in files}
+
+
+def damage(path: Path) -> str:
+    """What is wrong with a complete checkpoint's files against the sizes its COMPLETE lists ('' when nothing;
+    an empty COMPLETE, from before the lists were written, is taken as it is)."""
+    listed = (path / COMPLETE).read_text().strip()
+    if not listed:
+        return ""
+    try:
+        expected = json.loads(listed)
+    except json.JSONDecodeError:
+        return f"{path / COMPLETE} is not the file list it should be"
+    for name, size in expected.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} holds {f.stat().st_size} bytes, {size} were written"
+    return ""
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -49,23 +76,36 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in found if is_complete(p)), key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def newest_sound(root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match their list; damaged newer ones are reported and skipped."""
+    for path in reversed(complete_checkpoints(root)):
+        problem = damage(path)
+        if not problem:
+            return path
+        log.error("checkpoint %s is damaged and is passed over: %s", path.name, problem)
+    return None
+
+
 def find_resume(root: Path, resume: str) -> Path | None:
-    """`auto`: the newest complete checkpoint under root (or none); `none`; or a checkpoint directory."""
+    """`auto`: the newest sound checkpoint under root (or none); `none`; or a checkpoint directory (a checkpoints
+    root: its newest sound one). A checkpoint named on its own must be complete and undamaged."""
     if resume == "none":
         return None
     if resume == "auto":
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
+        return newest_sound(root)
     path = Path(resume)
-    if path.is_dir() and not path.name.startswith(PREFIX):  # a checkpoints root: its newest
-        done = complete_checkpoints(path)
-        if not done:
-            raise CheckpointError(f"--resume {resume}: no complete checkpoint in that directory")
-        return done[-1]
+    if path.is_dir() and not path.name.startswith(PREFIX):
+        found = newest_sound(path)
+        if found is None:
+            raise CheckpointError(f"--resume {resume}: no complete, undamaged checkpoint in that directory")
+        return found
     if not path.is_dir():
         raise CheckpointError(f"--resume {resume}: checkpoint directory not found")
     if not is_complete(path):
         raise CheckpointError(f"--resume {resume}: partial checkpoint (no {COMPLETE} marker); a save did not finish")
+    problem = damage(path)
+    if problem:
+        raise CheckpointError(f"--resume {resume}: damaged checkpoint: {problem}")
     return path
 
 
@@ -77,6 +117,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(
@@ -91,11 +140,15 @@ def save(
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     _write_atomic(path / f"data_rank{rank}.json", json.dumps(data_state))
     torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
+    os.sync()  # this node's writes reach the disk (or the file server) before COMPLETE can say they did
     barrier()  # every rank's shards and state are on disk
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "time": time.time(), **extra_meta}
         _write_atomic(path / "meta.json", json.dumps(meta, indent=1))
-        _write_atomic(path / COMPLETE, "")
+        _sync(path / "meta.json")
+        _write_atomic(path / COMPLETE, json.dumps(file_sizes(path), indent=0))
+        _sync(path / COMPLETE)
+        _sync(path)  # the directory: its entries
         _write_atomic(root / "latest", tag)
         prune(root, keep_last)
     barrier()
@@ -188,9 +241,19 @@ class Checkpointer:
         self.root, self.rank, self.world_size, self.keep_last = root, rank, world_size, keep_last
 
     def resume_point(self, resume: str, ds_config: dict) -> ResumePoint | None:
-        """The checkpoint `--resume` names (auto: the newest complete one), or None. From another world size it
-        is converted to a universal checkpoint first, and `ds_config` told to load that."""
-        path = find_resume(self.root, resume)
+        """The checkpoint `--resume` names (auto: the newest sound one), as rank 0 finds it, or None. From another
+        world size it is converted to a universal checkpoint first, and `ds_config` told to load that."""
+        # rank 0 decides, and every rank gets its answer or its error: ranks that each listed the folder could see
+        # different checkpoints (NFS attribute caching)
+        found: tuple[Path | None, str] = (None, "")
+        if self.rank == 0:
+            try:
+                found = (find_resume(self.root, resume), "")
+            except CheckpointError as exc:
+                found = (None, str(exc))
+        path, error = broadcast_object(found)
+        if error:
+            raise CheckpointError(error)
         if path is None:
             return None
         saved = read_meta(path)
