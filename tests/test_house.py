@@ -109,8 +109,15 @@ def test_checkpoints_resume_from_the_newest_complete_and_prune_older_ones(tmp_pa
     partial_old, partial_new = _complete(tmp_path, 150, complete=False), _complete(tmp_path, 400, complete=False)
     assert find_resume(tmp_path, "auto").name.endswith("300")  # the partial step 400 is never resumed from
     assert find_resume(tmp_path, "none") is None
-    point = Checkpointer(tmp_path, rank=0, world_size=2, keep_last=2).resume_point("auto", {})
-    assert (point.step, point.universal) == (300, False)
+    (tmp_path / "step_00000300" / "data_rank0.json").write_text('{"position": 300}')
+
+    class ReaderPosition:  # what resume_point asks of a loader: its state back
+        def load_state_dict(self, state: dict) -> None:
+            self.state = state
+
+    reader = ReaderPosition()
+    point = Checkpointer(tmp_path, rank=0, world_size=2, keep_last=2).resume_point("auto", {}, reader)
+    assert (point.step, point.universal, reader.state) == (300, False, {"position": 300})
     prune(tmp_path, keep_last=2)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["step_00000200", "step_00000300", "step_00000400"]  # a partial save newer than all is kept

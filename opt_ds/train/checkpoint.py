@@ -240,9 +240,11 @@ class Checkpointer:
     def __init__(self, root: Path, rank: int, world_size: int, keep_last: int):
         self.root, self.rank, self.world_size, self.keep_last = root, rank, world_size, keep_last
 
-    def resume_point(self, resume: str, ds_config: dict) -> ResumePoint | None:
-        """The checkpoint `--resume` names (auto: the newest sound one), as rank 0 finds it, or None. From another
-        world size it is converted to a universal checkpoint first, and `ds_config` told to load that."""
+    def resume_point(self, resume: str, ds_config: dict, loader) -> ResumePoint | None:
+        """The checkpoint `--resume` names (auto: the newest sound one), as rank 0 finds it, or None; `loader`
+        continues from this rank's position in it. From another world size it is converted to a universal
+        checkpoint first, `ds_config` told to load that, and the data stream restarts. Read before the engine
+        exists, so the loader's workers decode while it is built; `load` then fills the engine."""
         # rank 0 decides, and every rank gets its answer or its error: ranks that each listed the folder could see
         # different checkpoints (NFS attribute caching)
         found: tuple[Path | None, str] = (None, "")
@@ -261,12 +263,9 @@ class Checkpointer:
         if point.universal:
             convert_to_universal(path, self.rank)
             ds_config["checkpoint"] = {"load_universal": True}
+        else:
+            loader.load_state_dict(read_data_state(path, self.rank))
         return point
-
-    def data_state(self, point: ResumePoint | None) -> dict | None:
-        """This rank's reader position to continue from; None when starting fresh or after a world-size change
-        (the data stream restarts)."""
-        return None if point is None or point.universal else read_data_state(point.path, self.rank)
 
     def load(self, engine, point: ResumePoint | None) -> int:
         """Model, optimizer, scheduler and RNG state into the engine; -> the step to continue from."""

@@ -107,11 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     checkpointer = Checkpointer(run_dir / "checkpoints", rank, world_size, cfg.train.keep_last)
-    resume = checkpointer.resume_point(args.resume, ds_config)
     loader = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader, rank, world_size)
-    data_state = checkpointer.data_state(resume)
-    if data_state is not None:
-        loader.load_state_dict(data_state)
+    resume = checkpointer.resume_point(args.resume, ds_config, loader)  # the loader continues where it was
     batches = iter(loader)  # the workers start now and decode their first batches while the engine is built
     engine, lr_scheduler, _hf_keepalive = build_engine(cfg, lambda: stage.build_module(model_cfg), ds_config)
     start_step = checkpointer.load(engine, resume)
