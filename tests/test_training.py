@@ -365,7 +365,7 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
         ("optim.lr_scale={decoder: 2}", "lr_scale: unknown component 'decoder' (known: text, vision"),
         ("optim.lr=-1e-3", "optim.lr and optim.eps must be > 0"),
         ("optim.warmup_steps=-5", "optim.weight_decay and optim.warmup_steps must be >= 0"),
-        ("optim.min_lr_ratio=7", "optim.min_lr_ratio must be in (0, 1], got 7"),
+        ("optim.min_lr_ratio=7", "optim.min_lr_ratio must be in [0, 1], got 7"),
         ("data.reader.batch_size=0", "data.reader.batch_size must be >= 1, got 0"),
         ("data.reader.num_workers=-1", "data.reader.num_workers must be >= 0, got -1"),
         ("data.decode.image_size=128", "data.decode.image_size: 128 px, but model tiny takes 64 px images"),

@@ -54,8 +54,8 @@ class OptimConfig:
                 f"optim.weight_decay and optim.warmup_steps must be >= 0, got {self.weight_decay} "
                 f"and {self.warmup_steps}"
             )
-        if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:  # 0: cosine to zero (open_clip's schedule)
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for component, scale in self.lr_scale.items():
             if component not in COMPONENTS:
                 raise ValueError(f"lr_scale: unknown component '{component}' (known: {', '.join(COMPONENTS)})")
