@@ -156,13 +156,24 @@ def test_metric_window_reduces_means_task_shares_and_counters_on_one_rank():
         (["optim.lr_scale.decoder=2"], "unknown component 'decoder'"),
         (["stage=finetune"], "stage must be one of"),
         (["train.steps"], "key=value"),
+        (["optim.lr=-1e-3"], "optim.lr and optim.eps must be > 0"),
+        (["optim.warmup_steps=-5"], "optim.weight_decay and optim.warmup_steps must be >= 0"),
+        (["optim.min_lr_ratio=7"], "optim.min_lr_ratio must be in [0, 1], got 7"),
+        (["data.reader.batch_size=0"], "data.reader.batch_size must be >= 1, got 0"),
+        (["data.reader.num_workers=-1"], "data.reader.num_workers must be >= 0, got -1"),
+        (["train.loss_spike_factor=0.5"], "train.loss_spike_factor must be > 1 (or 0: off), got 0.5"),
+        (["data.decode.max_text_tokens=100"], "data.decode.max_text_tokens: 100, but model tiny reads at most 64"),
+        (["data.eval_shards=/nowhere/eval"], "data.eval_shards: shard not found: /nowhere/eval"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
-    from opt_ds.config.experiment import load_config
+    """Checked in-process here; tests/test_training.py checks that `python -m opt_ds.train` turns them into status 2."""
+    from opt_ds.config.experiment import check_fits_model, load_config
+    from opt_ds.model.config import load_model_config
 
-    with pytest.raises((ConfigError, ValueError), match=message):
-        load_config("opt_ds/configs/demo.yaml", overrides)
+    with pytest.raises((ConfigError, ValueError), match=re.escape(message)):
+        cfg = load_config("opt_ds/configs/demo.yaml", overrides)
+        check_fits_model(cfg, load_model_config(cfg.model, cfg.model_overrides))
 
 
 @pytest.mark.parametrize(

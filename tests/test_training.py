@@ -363,14 +363,7 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
         ),
         ("image_tokenizer=/nowhere/vq.safetensors", "image_tokenizer: /nowhere/vq.safetensors not found"),
         ("optim.lr_scale={decoder: 2}", "lr_scale: unknown component 'decoder' (known: text, vision"),
-        ("optim.lr=-1e-3", "optim.lr and optim.eps must be > 0"),
-        ("optim.warmup_steps=-5", "optim.weight_decay and optim.warmup_steps must be >= 0"),
-        ("optim.min_lr_ratio=7", "optim.min_lr_ratio must be in [0, 1], got 7"),
-        ("data.reader.batch_size=0", "data.reader.batch_size must be >= 1, got 0"),
-        ("data.reader.num_workers=-1", "data.reader.num_workers must be >= 0, got -1"),
         ("data.decode.image_size=128", "data.decode.image_size: 128 px, but model tiny takes 64 px images"),
-        ("data.decode.max_text_tokens=100", "data.decode.max_text_tokens: 100, but model tiny reads at most 64"),
-        ("data.eval_shards=/nowhere/eval", "data.eval_shards: shard not found: /nowhere/eval"),
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
