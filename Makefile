@@ -29,7 +29,7 @@ demo: setup
 	$(PY) -m opt_ds.demo
 
 test: setup
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 test-quick: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
