@@ -129,9 +129,8 @@ class Trainer:
             logged = done % cfg.log_every == 0 or done == cfg.steps
             if logged:
                 values = self._log(done, window, peak)
-                loss_now = values.get(
-                    "loss/total", float("nan")
-                )  # none when the guard skipped every step of the window
+                # no loss/total when the guard skipped every step of the window
+                loss_now = values.get("loss/total", float("nan"))
                 bar.set_postfix(loss=f"{loss_now:.3f}", sps=f"{values['perf/samples_per_s']:.1f}")
             if self._due(done, cfg.eval_every):
                 self.evaluate(done)
