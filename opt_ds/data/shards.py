@@ -1,4 +1,7 @@
-"""Turn a user's shard spec (brace pattern, directory, list file) into a checked list of shard URLs."""
+"""Turn a user's shard spec (brace pattern, directory, list file) into a checked list of shard URLs.
+
+A list file names shards only: a `pipe:` line in one is refused (webdataset would run it in a shell).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ def _expand_one(spec: str) -> list[str]:
         entries = [ln for ln in lines if ln and not ln.startswith("#")]
         if not entries:
             raise ShardSpecError(f"shard list file {spec} is empty")
+        commands = [e for e in entries if e.startswith("pipe:")]
+        if commands:  # webdataset runs a pipe: spec in a shell: a list file is data, and may come from anywhere
+            raise ShardSpecError(
+                f"shard list file {spec} holds a command ({commands[0][:80]!r}); list files name "
+                "shards only: put a pipe: spec in the config's `shards` if it is meant"
+            )
         base = path.parent
         return [e if e.startswith(REMOTE_PREFIXES) or os.path.isabs(e) else str(base / e) for e in entries]
     return list(braceexpand.braceexpand(spec))
@@ -46,6 +55,6 @@ def expand_shards(specs: str | os.PathLike | list[str]) -> list[str]:
         shards.extend(_expand_one(spec.strip()))
     missing = [s for s in shards if not s.startswith(REMOTE_PREFIXES) and not os.path.isfile(s)]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ShardSpecError(f"shard not found: {missing[0]}{more}")
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ShardSpecError(f"shard not found: {', '.join(missing[:3])}{more}")
     return shards
