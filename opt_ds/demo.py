@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from opt_ds.data import build_shards
-from opt_ds.dist.launch import free_port
+from opt_ds.dist.launch import local_training_command
 
 DEMO_DATA = Path("demo_data")
 DEMO_RUN = Path("demo_run")
@@ -34,22 +34,7 @@ def run(*cmd: str) -> None:
 
 
 def train(config: str, output: Path, *extra: str) -> None:
-    run(
-        "deepspeed",
-        "--num_gpus",
-        str(RANKS),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "opt_ds.train",
-        "--config",
-        config,
-        "--output",
-        str(output),
-        "--resume",
-        "auto",
-        *extra,
-    )
+    run(*local_training_command(RANKS, "--config", config, "--output", str(output), "--resume", "auto", *extra))
 
 
 def main() -> int:

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opt_ds.dist.launch import free_port  # noqa: F401  (the tests take it from here)
+import yaml
+
+from opt_ds.dist.launch import free_port, local_training_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
@@ -87,19 +89,27 @@ def run_bounded(
 def train_ranks(ranks: int, *args: str, timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module opt_ds.train ...` on a free port (CPU: N ranks, gloo)."""
     port = free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-        "--module",
-        "opt_ds.train",
-        *args,
-    ]
-    proc = run_bounded(cmd, timeout)
+    proc = run_bounded(local_training_command(ranks, *args, port=port), timeout)
     if proc.returncode != expect:
         raise AssertionError(f"training exited {proc.returncode}, expected {expect}:\n{proc.stdout[-6000:]}")
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"DeepSpeed's shm all-reduce buffers left in /dev/shm (RAM): {leaked}"
     return proc
+
+
+def write_config(path: Path, triplets: Path, **sections) -> Path:
+    """A small `tiny` experiment on `triplets`; each section given is merged into the default one (one level)."""
+    cfg = {
+        "model": "tiny",
+        "data": {
+            "sources": [{"name": "triplets", "shards": str(triplets)}],
+            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
+            "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16},
+        },
+        "optim": {"lr": 3e-4, "warmup_steps": 2},
+        "train": {"steps": 6, "log_every": 1, "save_every": 3, "keep_last": 3},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from helpers import REPO, run_module, train_ranks
+from helpers import REPO, run_module, train_ranks, write_config
 
 STREAM_AND_MEASURE = """
 import json, resource, sys
@@ -70,40 +70,32 @@ def test_adversarial_samples_are_counted_skips_with_bounded_memory(tmp_path):
 
 
 def test_divergence_guard_skips_non_finite_and_spiking_steps_and_counts_them_in_a_row():
-    import torch
-
     from opt_ds.train.guard import DivergenceGuard
 
     guard = DivergenceGuard(max_in_a_row=3, spike_factor=10.0)
-    assert guard.accept(torch.tensor(8.0), {"mlm/loss": 6.0, "contrastive/loss": 2.0}, 0)
-    assert guard.accept(torch.tensor(5.0), {"mam/loss": 0.1}, 1)  # a task with its own, smaller scale
-    assert not guard.accept(torch.tensor(float("nan")), {"mlm/loss": float("nan")}, 2)
-    assert not guard.accept(torch.tensor(100.0), {"mlm/loss": 70.0}, 3)  # 70 > 10 x median 6
+    assert guard.accept(8.0, {"mlm/loss": 6.0, "contrastive/loss": 2.0}, 0)
+    assert guard.accept(5.0, {"mam/loss": 0.1}, 1)  # a task with its own, smaller scale
+    assert not guard.accept(float("nan"), {"mlm/loss": float("nan")}, 2)
+    assert not guard.accept(100.0, {"mlm/loss": 70.0}, 3)  # 70 > 10 x median 6
     assert guard.in_a_row == 2 and not guard.diverged and not guard.healthy
-    assert guard.accept(torch.tensor(9.0), {"mlm/loss": 55.0}, 4)  # within 10x: accepted, resets the run
+    assert guard.accept(9.0, {"mlm/loss": 55.0}, 4)  # within 10x: accepted, resets the run
     assert guard.healthy and guard.skipped == 2
     for step in range(5, 8):
-        assert not guard.accept(torch.tensor(float("inf")), {}, step)
+        assert not guard.accept(float("inf"), {}, step)
     assert guard.diverged and guard.skipped == 5
 
 
 def run_config(path: Path, shards: Path, **train) -> Path:
-    import yaml
-
-    cfg = {
-        "model": "tiny",
-        "image_tokenizer": "random",
-        "data": {
-            "sources": [{"name": "triplets", "shards": str(shards)}],
-            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
-            "reader": {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
-        },
-        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
-        "optim": {"lr": 3e-4, "warmup_steps": 0},
-        "train": {"steps": 12, "log_every": 1, "save_every": 1, "keep_last": 20, **train},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """Two tasks every step, no loader workers, a random image tokenizer, a save after every step."""
+    return write_config(
+        path,
+        shards,
+        image_tokenizer="random",
+        data={"reader": {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 16}},
+        schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+        optim={"warmup_steps": 0},
+        train={"steps": 12, "save_every": 1, "keep_last": 20, **train},
+    )
 
 
 @pytest.mark.slow  # two 2-rank runs

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import REPO, run_bounded
+from helpers import REPO, run_bounded, write_config
 
 pytestmark = pytest.mark.slow
 KIT = REPO / "slurm" / "local_cluster.sh"
@@ -119,20 +118,13 @@ def job_output(cluster, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def config(cluster, synthetic_shards) -> Path:
-    cfg = {
-        "model": "tiny",
-        "data": {
-            "sources": [{"name": "triplets", "shards": str(synthetic_shards)}],
-            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
-            "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16},
-        },
-        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
-        "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "train": {"steps": 8, "log_every": 1, "save_every": 4},
-    }
-    path = cluster["root"] / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(
+        cluster["root"] / "config.yaml",
+        synthetic_shards,
+        schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
+        optim={"lr": 1e-3, "warmup_steps": 1},
+        train={"steps": 8, "save_every": 4},
+    )
 
 
 def summary_step(run_dir: Path) -> int:

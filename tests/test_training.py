@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import run_module, train_ranks
+from helpers import run_module, train_ranks, write_config
 from opt_ds.config.experiment import load_config
 from opt_ds.config.fields import ConfigError
 from opt_ds.tasks import TASKS
@@ -49,23 +49,6 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "triplets": root / "triplets", "eval": root / "eval", "mixed": root / "mixed.txt"}
 
 
-def write_config(path: Path, shards: dict, **sections) -> Path:
-    cfg = {
-        "model": "tiny",
-        "data": {
-            "sources": [{"name": "triplets", "shards": str(shards["triplets"])}],
-            "decode": {"max_audio_seconds": 1.0, "max_text_tokens": 16},
-            "reader": {"batch_size": 4, "num_workers": 1, "shuffle_buffer": 16},
-        },
-        "optim": {"lr": 3e-4, "warmup_steps": 2},
-        "train": {"steps": 6, "log_every": 1, "save_every": 3, "keep_last": 3},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -81,7 +64,7 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 def vq_export(data, tmp_path_factory) -> Path:
     """A 2-rank VQ-VAE stage, exported: the image tokenizer the pre-training runs use."""
     root = tmp_path_factory.mktemp("vq")
-    config = write_config(root / "vq.yaml", data, stage="vqvae", train={"steps": 4, "save_every": 0})
+    config = write_config(root / "vq.yaml", data["triplets"], stage="vqvae", train={"steps": 4, "save_every": 0})
     train_ranks(2, "--config", str(config), "--output", str(root / "run"))
     out = root / "vq.safetensors"
     run_module("opt_ds.export", "--checkpoint", str(root / "run" / "checkpoints"), "--out", str(out))
@@ -95,7 +78,7 @@ def mixed_run(data, vq_export, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixed")
     config = write_config(
         root / "mixed.yaml",
-        data,
+        data["triplets"],
         image_tokenizer=str(vq_export),
         data={
             "sources": [{"name": "mixed", "shards": str(data["mixed"])}],
@@ -184,7 +167,7 @@ def resume_runs(data, vq_export, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
     config = write_config(
         root / "run.yaml",
-        data,
+        data["triplets"],
         image_tokenizer=str(vq_export),
         train={"steps": 6, "log_every": 1, "save_every": 3, "log_sample_keys": True},
     )
@@ -320,7 +303,7 @@ def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data
     from opt_ds.model.opt import OPTModel
     from opt_ds.zero.config import load_deepspeed_config
 
-    ds = load_deepspeed_config(load_config(str(write_config(tmp_path / "c.yaml", data))), 80_000_000)
+    ds = load_deepspeed_config(load_config(str(write_config(tmp_path / "c.yaml", data["triplets"]))), 80_000_000)
     zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["stage3_max_reuse_distance"] == 10_000_000
     assert ds["data_types"]["grad_accum_dtype"] == "bf16"  # no gradient accumulation
@@ -340,10 +323,10 @@ def test_auto_deepspeed_values_fit_the_model_and_name_every_layer_as_a_leaf(data
 
 def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
     """YAML 1.1 reads `1e-3` (no dot) as a string: a float key takes it as the number it spells."""
-    cfg = load_config(str(write_config(tmp_path / "c.yaml", data)), ["optim.lr=1e-3", "optim.eps=2E-8"])
+    cfg = load_config(str(write_config(tmp_path / "c.yaml", data["triplets"])), ["optim.lr=1e-3", "optim.eps=2E-8"])
     assert cfg.optim.lr == 0.001 and cfg.optim.eps == 2e-8
     with pytest.raises(ConfigError, match="optim.lr: expected float, got str 'fast'"):
-        load_config(str(write_config(tmp_path / "c.yaml", data)), ["optim.lr=fast"])
+        load_config(str(write_config(tmp_path / "c.yaml", data["triplets"])), ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize(
@@ -367,7 +350,7 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
-    config = write_config(tmp_path / "c.yaml", data)
+    config = write_config(tmp_path / "c.yaml", data["triplets"])
     proc = run_module(
         "opt_ds.train",
         "--config",
@@ -394,7 +377,7 @@ def test_shipped_deepspeed_configs_train(data, tmp_path, ds_config):
             pytest.skip("DeepSpeed's accelerator here has no fp16 (its CPU path needs AVX512-FP16)")
     config = write_config(
         tmp_path / "c.yaml",
-        data,
+        data["triplets"],
         deepspeed=f"ds_configs/{ds_config}.json",
         schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {"mlm": 1.0, "contrastive": 1.0}}]},
         train={"steps": 2, "save_every": 0},

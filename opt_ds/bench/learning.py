@@ -28,7 +28,7 @@ from opt_ds.bench.open_clip_peer import run_open_clip
 from opt_ds.bench.registry import Kind, comma_ints
 from opt_ds.config.experiment import REPO_ROOT
 from opt_ds.data import build_shards
-from opt_ds.dist.launch import free_port
+from opt_ds.dist.launch import local_training_command
 
 ROW_NAMES = {"open_clip": "open_clip", "contrastive": "opt_ds contrastive", "full": "opt_ds all tasks"}
 DEMO_CONFIG = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())
@@ -69,21 +69,7 @@ def run_opt_ds(
     run = f"{name}_seed{seed}"
     config_path, run_dir = workdir / f"{run}.yaml", workdir / run
     config_path.write_text(yaml.safe_dump(config))
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "opt_ds.train",
-        "--config",
-        str(config_path),
-        "--output",
-        str(run_dir),
-        "--resume",
-        "none",
-    ]
+    cmd = local_training_command(ranks, "--config", str(config_path), "--output", str(run_dir), "--resume", "none")
     started = time.perf_counter()
     with (workdir / f"{run}_train.log").open("w") as log:
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)

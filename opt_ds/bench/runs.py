@@ -19,7 +19,7 @@ from opt_ds.data import build_shards
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.synthetic import synthetic_sample
-from opt_ds.dist.launch import free_port
+from opt_ds.dist.launch import local_training_command
 from opt_ds.model.config import load_model_config
 from opt_ds.tasks import TASKS
 from opt_ds.train.metrics import tensorboard_scalars
@@ -105,21 +105,7 @@ def deepspeed_run(
     run_dir, config_path = workdir / name, workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "opt_ds.train",
-        "--config",
-        str(config_path),
-        "--output",
-        str(run_dir),
-        "--resume",
-        "none",
-    ]
+    cmd = local_training_command(ranks, "--config", str(config_path), "--output", str(run_dir), "--resume", "none")
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=env, timeout=3600, preexec_fn=_first_to_go_when_memory_runs_out
     )

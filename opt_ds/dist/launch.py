@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 from opt_ds.dist.hostfile import expand_nodelist
 
@@ -56,6 +58,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def local_training_command(ranks: int, *train_args: str, port: int | None = None) -> list[str]:
+    """`deepspeed --num_gpus RANKS --master_port PORT --module opt_ds.train TRAIN_ARGS`: a run of RANKS ranks on
+    this machine, by the deepspeed launcher of this Python's environment, on `port` (default: a free one)."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    port = free_port() if port is None else port
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "opt_ds.train", *train_args]
 
 
 def single_env(env: dict[str, str]) -> dict[str, str]:

@@ -15,8 +15,6 @@ import math
 import statistics
 from collections import defaultdict, deque
 
-import torch
-
 from opt_ds.dist.process import all_reduce
 
 EXIT_DIVERGED = 3
@@ -31,9 +29,9 @@ class DivergenceGuard:
         self.skipped = 0  # micro-steps skipped so far in this run
         self.in_a_row = 0
 
-    def problem(self, loss: torch.Tensor, metrics: dict[str, float]) -> str:
+    def problem(self, loss: float, metrics: dict[str, float]) -> str:
         """What is wrong with this rank's micro-step ('' when nothing)."""
-        if not math.isfinite(float(loss.detach())):
+        if not math.isfinite(loss):
             return "the loss is not finite"
         for key, value in metrics.items():
             task = key.removesuffix("/loss")
@@ -46,7 +44,7 @@ class DivergenceGuard:
                 )
         return ""
 
-    def accept(self, loss: torch.Tensor, metrics: dict[str, float], step: int) -> bool:
+    def accept(self, loss: float, metrics: dict[str, float], step: int) -> bool:
         """Collective: whether every rank's micro-step is sound; if not, it is counted and must not update."""
         problem = self.problem(loss, metrics)
         if all_reduce([float(bool(problem))], "max")[0] == 0:

@@ -102,7 +102,8 @@ class Trainer:
                 batch = next(self.batches)
                 waited = time.perf_counter() - waited
                 loss, metrics, flops = self.step_fn(self.engine, batch, step, plan, self.device, self.dtype)
-                if not self.guard.accept(loss, metrics, step):
+                loss_value = float(loss.detach())  # one host sync, for the guard and the metrics
+                if not self.guard.accept(loss_value, metrics, step):
                     if self.guard.diverged:
                         return self._diverged(step, bar)
                     continue
@@ -114,13 +115,7 @@ class Trainer:
                 if micro_step == cfg.gradient_accumulation - 1 and cfg.grad_clip > 0:  # the share of updates clipped
                     metrics["optim/clipped"] = float(float(self.engine.get_global_grad_norm() or 0.0) > cfg.grad_clip)
                 window.add_step(
-                    metrics,
-                    float(loss.detach()),
-                    plan,
-                    len(batch["keys"]),
-                    flops,
-                    modality_tokens(batch, self.model_cfg),
-                    waited,
+                    metrics, loss_value, plan, len(batch["keys"]), flops, modality_tokens(batch, self.model_cfg), waited
                 )
                 self._record_keys(step, batch)
             clear_stale_gradients(self.engine)
