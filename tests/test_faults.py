@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -19,7 +21,7 @@ STREAM_AND_MEASURE = """
 import json, resource, sys
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-loader = make_loader([SourceConfig("s", sys.argv[1])], DecodeConfig(max_text_tokens=32),
+loader = make_loader([SourceConfig("s", sys.argv[1:])], DecodeConfig(max_text_tokens=32),
                      ReaderConfig(batch_size=4, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 keys = [k for batch in loader for k in batch["keys"]]
@@ -34,10 +36,51 @@ def wav_bytes(rate: int, seconds: float) -> bytes:
     return buffer.getvalue()
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes | io.RawIOBase, size: int | None = None) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if size is None else size
+    tar.addfile(info, io.BytesIO(data) if isinstance(data, bytes) else io.BufferedReader(data, 1 << 20))
+
+
+class Zeros(io.RawIOBase):
+    """n zero bytes, read in blocks: a member of any size without holding it."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def stream_and_measure(workdir: Path, shards: list[Path]) -> dict:
+    """Every sample of `shards` through the real reader in a fresh process started in an empty `workdir` (its
+    temporary folder beside it): the keys read, the skip counts and the growth of peak memory."""
+    workdir.mkdir()
+    (workdir.parent / "tmp").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", STREAM_AND_MEASURE, *map(str, shards)],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(workdir.parent / "tmp")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(workdir.iterdir()) == [], "the reader wrote files"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_adversarial_samples_are_counted_skips_with_bounded_memory(tmp_path):
     """A KEY.json nested 100k deep (RecursionError escaped the decoder: a crash loop on every resume), a 10 MB
     caption (tokenised whole: +1.3 GB), a WAV whose header says 12503 Hz (a resampling kernel of gigabytes), an
-    oversized KEY.json: each sample keeps what is usable, the rest is counted, and memory stays bounded."""
+    oversized KEY.json, and a 4 MB .tar.gz holding a 1 GiB member (read whole before its size was measured:
+    +2 GB): each sample keeps what is usable, the rest is counted, and memory stays bounded."""
     members = [
         ("deep.txt", b"a caption beside a deep json"),
         ("deep.json", b"[" * 100_000 + b"]" * 100_000),
@@ -51,21 +94,62 @@ def test_adversarial_samples_are_counted_skips_with_bounded_memory(tmp_path):
     ]
     with tarfile.open(tmp_path / "bad.tar", "w") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    proc = subprocess.run(
-        [sys.executable, "-c", STREAM_AND_MEASURE, str(tmp_path / "bad.tar")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sorted(report["keys"]) == ["bigjson", "deep", "fine", "huge", "oddrate"]  # every caption survives
+            add_member(tar, name, data)
+    with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz", compresslevel=1) as tar:
+        add_member(tar, "bomb.txt", Zeros(1 << 30), size=1 << 30)
+        add_member(tar, "after.txt", b"a caption after the bomb")
+    report = stream_and_measure(tmp_path / "work", [tmp_path / "bad.tar", tmp_path / "bomb.tar.gz"])
+    assert sorted(report["keys"]) == ["after", "bigjson", "deep", "fine", "huge", "oddrate"]  # every caption lives
     assert report["skips"]["bad_json"] == 2  # the deep and the oversized KEY.json, named in the log
     assert report["skips"]["bad_audio"] == 1  # the odd rate
+    assert report["skips"]["oversize_sample"] == 1  # the bomb, passed over unread
+    assert report["grown_mb"] < 600, report
+
+
+def flip_bytes(shard: Path, out: Path, flips: int, rng: random.Random, headers: bool) -> set[str]:
+    """`out`: `shard` with `flips` bytes XOR-ed, inside member data only or anywhere (headers too). Returns the
+    keys of the members whose headers were hit (those members are lost; every other member is still there)."""
+    with tarfile.open(shard) as tar:
+        spans = [(m.offset, m.offset_data, m.offset_data + m.size, m.name.split(".")[0]) for m in tar.getmembers()]
+    data = bytearray(shard.read_bytes())
+    hit: set[str] = set()
+    for _ in range(flips):
+        if headers:
+            at = rng.randrange(len(data))
+        else:
+            _, start, end, _ = rng.choice(spans)
+            at = rng.randrange(start, end)
+        data[at] ^= rng.randrange(1, 256)
+        hit |= {key for header, start, _, key in spans if header <= at < start}
+    out.write_bytes(bytes(data))
+    return hit
+
+
+@pytest.mark.slow  # ~1 min: 1200 samples decoded
+def test_fuzzed_real_shards_lose_only_the_damaged_members(tmp_path):
+    """1200 real samples (picture, FLAC, caption, JSON) in 12 shards, 40 random bytes flipped in each: in member
+    data in half of them, anywhere (tar headers too) in the rest. Nothing crashes and memory stays bounded; a
+    damaged header costs its own member, not the rest of the shard (tarfile used to end the shard there,
+    silently); what cannot be used is counted."""
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "1200", "--max-samples", "100", "--quiet",
+               "--audio-seconds", "0.25", "--out", str(tmp_path / "clean"))  # fmt: skip
+    rng = random.Random(0)
+    clean = sorted((tmp_path / "clean").glob("*.tar"))
+    (tmp_path / "fuzzed").mkdir()
+    damaged_headers: set[str] = set()
+    shards_with_damaged_headers = 0
+    for i, shard in enumerate(clean):
+        hit = flip_bytes(shard, tmp_path / "fuzzed" / shard.name, 40, rng, headers=i >= 6)
+        damaged_headers |= hit
+        shards_with_damaged_headers += bool(hit)
+    report = stream_and_measure(tmp_path / "work", sorted((tmp_path / "fuzzed").glob("*.tar")))
+
+    every_key = {m.split(".")[0] for shard in clean for m in tarfile.open(shard).getnames()}
+    read = set(report["keys"])
+    assert len(report["keys"]) == len(read) and read <= every_key
+    assert every_key - read <= damaged_headers  # a sample can go missing only with a member's header
+    assert shards_with_damaged_headers and report["skips"]["tar_error"] >= shards_with_damaged_headers
+    assert report["skips"].keys() & {"bad_image", "bad_audio", "bad_text", "bad_json"}
     assert report["grown_mb"] < 600, report
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, caption_rewrites, class_name, first_present
+from opt_ds.data.tars import UnreadMember
 from opt_ds.data.tokenizer import load_tokenizer
 
 Parsed = TypeVar("Parsed")
@@ -128,6 +129,9 @@ class SampleDecoder:
 
     def __call__(self, raw: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         problems: list[tuple[str, str]] = []
+        unread = [f"{k} of {v.size} bytes" for k, v in raw.items() if isinstance(v, UnreadMember)]
+        if unread:
+            return None, [("oversize_sample", f"{', '.join(unread)} > {self.cfg.max_sample_bytes}: not read")]
         size = sum(len(v) for k, v in raw.items() if isinstance(v, bytes))
         if size > self.cfg.max_sample_bytes:
             return None, [("oversize_sample", f"{size} bytes > {self.cfg.max_sample_bytes}")]

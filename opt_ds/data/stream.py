@@ -29,12 +29,12 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import tarfile_samples
 
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import expand_shards
 from opt_ds.data.skips import SkipCounter
+from opt_ds.data.tars import ends_like_a_tar, tar_samples
 
 STATE_VERSION = 1
 MAX_UNDECODABLE_RUN = 100_000
@@ -104,15 +104,6 @@ class WorkerState:
         return cls(d["draws"], d["samples"], [SourcePosition(**p) for p in d["sources"]], dict(d["skips"]))
 
 
-def _ends_like_a_tar(path: str) -> bool:
-    size = os.path.getsize(path)
-    if size < 1024 or size % 512:
-        return False
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        return f.read(1024) == bytes(1024)
-
-
 class SourceStream:
     """Raw (undecoded) samples of one source for one slot, continuing from a SourcePosition."""
 
@@ -126,9 +117,11 @@ class SourceStream:
         position: SourcePosition,
         skips: SkipCounter,
         name: str,
+        max_member_bytes: int,
     ):
         self.shards, self.index, self.slot, self.n_slots = shards, index, slot, n_slots
         self.cfg, self.position, self.skips, self.name = cfg, position, skips, name
+        self.max_member_bytes = max_member_bytes
         self._it: Iterator[dict] | None = None
         self._replaying = False
 
@@ -146,7 +139,7 @@ class SourceStream:
         """Count local shards that lack the zero blocks a complete tar ends with (cut at a member boundary,
         which tarfile reads as a clean end), then read what they hold."""
         for url in urls:
-            if not self._replaying and os.path.isfile(url) and not _ends_like_a_tar(url):
+            if not self._replaying and not ends_like_a_tar(url):
                 self.skips.add("truncated_tar", url)
             yield url
 
@@ -163,7 +156,7 @@ class SourceStream:
                 rng.shuffle(order)
             stride = len(order) < self.n_slots
             mine = order if stride else order[self.slot :: self.n_slots]
-        samples = tarfile_samples(({"url": url} for url in self._checked(mine)), handler=self._tar_error)
+        samples = tar_samples(self._checked(mine), self.max_member_bytes, self._tar_error)
         if stride:
             samples = (s for i, s in enumerate(samples) if i % self.n_slots == self.slot)
         if self.cfg.shuffle_buffer > 1:
@@ -243,8 +236,9 @@ class StreamingDataset(IterableDataset):
         n_slots = self.world_size * n_workers
         skips = SkipCounter(counts=state.skips)
         decoder = SampleDecoder(self.decode_cfg)
+        limit = self.decode_cfg.max_sample_bytes  # a member over it is not read
         streams = [
-            SourceStream(shards, i, slot, n_slots, self.cfg, state.sources[i], skips, self.sources[i].name)
+            SourceStream(shards, i, slot, n_slots, self.cfg, state.sources[i], skips, self.sources[i].name, limit)
             for i, shards in enumerate(self.shards)
         ]
         batch: list[dict] = []

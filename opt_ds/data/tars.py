@@ -1,0 +1,93 @@
+"""Tar shards read member by member, every size checked from its header before a byte of it is read.
+
+webdataset's tar reader (which opt_ds otherwise uses: its URL opener and key grouping) reads each member whole and
+ends a shard silently at the first damaged header. Here a member larger than a sample may be is passed over
+unread (a 1 MB .tar.gz can hold a 1 GiB member: it is inflated in small blocks and dropped, never held), and a
+damaged header is reported and stepped over, so one flipped byte costs its own member, not the rest of the shard.
+Compressed tars (.tar.gz, .tar.bz2, .tar.xz) are read as streams under the same rules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+from webdataset.tariterators import group_by_keys, url_opener
+
+SKIPPED_NAMES = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (__key__ etc.)
+
+
+class UnreadMember(NamedTuple):
+    """A member passed over because its header gives a size over the limit; it stands in for the bytes."""
+
+    size: int
+
+
+class DamagedHeaders(tarfile.TarError):
+    """Header blocks that failed their checksum: the members they described are lost."""
+
+
+class _CheckedHeader(tarfile.TarInfo):
+    """Marks the tar when a header is damaged, and turns a damaged header behind an extended (pax) header into
+    an invalid block too: tarfile steps over those one block at a time (ignore_zeros) where it would end the
+    shard."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.SubsequentHeaderError) as exc:
+            tar.damaged = True
+            raise tarfile.InvalidHeaderError(str(exc)) from None
+
+
+def ends_like_a_tar(path: str) -> bool:
+    """Whether an uncompressed local tar ends with the zero blocks a complete one ends with (one cut at a member
+    boundary reads as a clean end). Other files are not judged here."""
+    if not path.endswith(".tar") or not os.path.isfile(path):
+        return True
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+def _damage_reported(tar: tarfile.TarFile, url: str, at: int, on_error: Callable[[Exception], bool]) -> None:
+    if getattr(tar, "damaged", False):
+        tar.damaged = False
+        on_error(DamagedHeaders(f"damaged tar headers before byte {at}: the members they held are lost", url))
+
+
+def _members(opened: Iterable[dict], max_member_bytes: int, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    for source in opened:
+        url = source["url"]
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*", ignore_zeros=True, tarinfo=_CheckedHeader) as tar:
+                for info in tar:
+                    tar.members = []  # a stream of millions of members: keep none
+                    _damage_reported(tar, url, info.offset, on_error)
+                    if not info.isreg() or SKIPPED_NAMES.match(info.name):
+                        continue
+                    if info.size > max_member_bytes:
+                        data: bytes | UnreadMember = UnreadMember(info.size)
+                    else:
+                        data = tar.extractfile(info).read()
+                    yield {"fname": info.name, "data": data, "__url__": url}
+                _damage_reported(tar, url, tar.offset, on_error)
+        except Exception as exn:  # noqa: BLE001  a shard's damage ends that shard only
+            exn.args = (*exn.args, url)
+            on_error(exn)
+        finally:
+            source["stream"].close()
+        yield {}  # the shard's end: no sample spans two shards
+
+
+def tar_samples(urls: Iterable[str], max_member_bytes: int, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    """Samples (key -> member bytes, or UnreadMember) of the tars at `urls`, in order. `on_error(exception)` is
+    told of every damaged or unreadable part (the exception's last argument is the shard)."""
+    opened = url_opener(({"url": url} for url in urls), handler=on_error)
+    return group_by_keys(_members(opened, max_member_bytes, on_error), handler=on_error)
