@@ -406,7 +406,8 @@ SLURM_WARNED_LOADER = """
 import signal, sys
 import psutil
 from opt_ds.data.decode import DecodeConfig
-from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader, start_worker_server
+from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
+from opt_ds.data.workers import start_worker_server
 from opt_ds.train.signals import StopRequest
 
 start_worker_server()

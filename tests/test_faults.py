@@ -6,9 +6,12 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 import soundfile
 
 from helpers import REPO, run_module, train_ranks, write_config
+from opt_ds.dist.launch import local_training_command
 
 STREAM_AND_MEASURE = """
 import json, resource, sys
@@ -227,3 +231,79 @@ def test_a_truncated_newest_checkpoint_is_passed_over_and_export_refuses_it(synt
     logs = (tmp_path / "run" / "logs" / "rank1.log").read_text()
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / tag_for(3)} at step 3" in logs
     assert (tmp_path / "run" / "checkpoints" / tag_for(9) / "COMPLETE").is_file()
+
+
+def processes_marked(marker: str) -> dict[int, str]:
+    """pid -> command line of every process whose environment holds `marker` (children inherit it)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow  # a 2-rank run started and killed
+def test_a_rank_killed_leaves_no_process_of_the_run_behind(synthetic_shards, tmp_path):
+    """kill -9 of one rank: the launcher ends the other rank, and the killed rank's loader worker, its server and
+    the resource tracker exit too (they lived on for good: the worker holds the others' liveness pipes and torch's
+    watchdog watches the server, not the rank)."""
+    marker = f"opt-ds-run-{uuid.uuid4().hex}"
+    config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random", train={"steps": 100_000})
+    log = tmp_path / "run" / "logs" / "rank1.log"
+    with open(tmp_path / "launcher.log", "w") as out:
+        launcher = subprocess.Popen(
+            local_training_command(2, "--config", str(config), "--output", str(tmp_path / "run")),
+            cwd=REPO,
+            env={**os.environ, "OPT_DS_TEST_MARK": marker},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and "step 2:" in log.read_text()):
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+            time.sleep(1)
+        running = processes_marked(marker)
+        assert sum("multiprocessing.forkserver" in cmd for cmd in running.values()) == 4  # 2 servers, 2 workers
+        os.kill(next(pid for pid, cmd in running.items() if "--local_rank=1" in cmd), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while processes_marked(marker) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert processes_marked(marker) == {}
+        assert launcher.wait(timeout=10) != 0
+    finally:
+        for pid in processes_marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # waits out the limit
+@pytest.mark.timeout(120)  # without the limit the wait never ends
+def test_a_hung_worker_is_an_error_naming_the_timeout(synthetic_shards):
+    """A worker that stops answering (here: stopped by SIGSTOP) ends the stream with an error naming
+    data.reader.timeout_s, not a wait as long as the ranks' collective timeout. (The limit leaves room for the
+    first batch, which waits for the worker server to import torch.)"""
+    import psutil
+
+    from opt_ds.data.decode import DecodeConfig
+    from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
+
+    loader = make_loader(
+        [SourceConfig("s", str(synthetic_shards))],
+        DecodeConfig(),
+        ReaderConfig(batch_size=2, num_workers=1, prefetch_factor=1, timeout_s=15),
+    )
+    batches = iter(loader)
+    next(batches)
+    server = next(p for p in psutil.Process().children() if "multiprocessing.forkserver" in " ".join(p.cmdline()))
+    (worker,) = server.children()
+    worker.suspend()
+    try:
+        with pytest.raises(RuntimeError, match=r"in 15 s \(data.reader.timeout_s\)"):
+            for _ in range(10):
+                next(batches)
+    finally:
+        worker.kill()

@@ -16,17 +16,13 @@ from the same logical worker as in an uninterrupted run.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import random
-import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
@@ -35,6 +31,7 @@ from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import expand_shards
 from opt_ds.data.skips import SkipCounter
 from opt_ds.data.tars import ends_like_a_tar, tar_samples
+from opt_ds.data.workers import init_worker
 
 STATE_VERSION = 1
 MAX_UNDECODABLE_RUN = 100_000
@@ -64,6 +61,8 @@ class ReaderConfig:
     # priority preempts a rank mid-step and the other ranks wait for it at the next collective; at 19 the workers
     # decode mostly while the ranks wait. 0 leaves them at the trainer's priority.
     worker_nice: int = 19
+    # seconds the rank waits for a batch before a worker counts as hung (an error naming this key); 0: forever
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("prefetch_factor", 1)):
@@ -71,6 +70,8 @@ class ReaderConfig:
                 raise ValueError(f"data.reader.{name} must be >= {low}, got {getattr(self, name)}")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"data.reader.max_epochs must be >= 1 (or null: forever), got {self.max_epochs}")
+        if self.timeout_s < 0:
+            raise ValueError(f"data.reader.timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
         if not 0 <= self.worker_nice <= 19:
             raise ValueError(f"data.reader.worker_nice must be in 0..19, got {self.worker_nice}")
 
@@ -285,11 +286,6 @@ class StreamingDataset(IterableDataset):
         return batch
 
 
-def _worker_init(nice: int, _: int) -> None:
-    torch.set_num_threads(1)
-    os.nice(nice)
-
-
 class ResumableLoader:
     """A rank's endless (or max_epochs-bounded) batch stream with state_dict/load_state_dict.
 
@@ -310,7 +306,8 @@ class ResumableLoader:
         extra = (
             {
                 "prefetch_factor": self.dataset.cfg.prefetch_factor,
-                "worker_init_fn": partial(_worker_init, self.dataset.cfg.worker_nice),
+                "worker_init_fn": partial(init_worker, self.dataset.cfg.worker_nice, os.getpid()),
+                "timeout": self.dataset.cfg.timeout_s,
                 "multiprocessing_context": "forkserver",
             }
             if self.num_workers
@@ -319,7 +316,7 @@ class ResumableLoader:
         return self._batches(iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)))
 
     def _batches(self, stream: Iterator[dict]) -> Iterator[dict]:
-        for batch in stream:
+        for batch in _named_timeout(stream, self.dataset.cfg.timeout_s):
             meta = batch.pop("_meta")
             self.workers[meta["worker"]] = meta["state"]
             if END_OF_STREAM in batch:
@@ -359,25 +356,17 @@ class ResumableLoader:
         return sum(w["samples"] for w in self.workers.values())
 
 
-def start_worker_server() -> None:
-    """Start the forkserver that loader workers fork from, with this module imported and SIGUSR1 blocked.
-
-    Call it early (before the engine is built): the server imports torch and this module once while the
-    run sets up, and a worker then starts as a fork of it, not as a fresh interpreter importing torch
-    (seconds, during the first steps of a run).
-
-    Slurm's warning before the time limit (`--signal=USR1@...` without `B:`, `scancel --signal=USR1`) goes to
-    every process of the job step. A worker killed by it, or whose server is (torch's workers exit when their
-    parent does), broke the rank's batch stream before the rank could checkpoint. The server, the workers it
-    forks and multiprocessing's resource tracker inherit the blocked signal; this process unblocks it at once.
-    SIGTERM stays deliverable: it is how the loader's own shutdown ends a worker that does not exit by itself.
-    """
-    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+def _named_timeout(stream: Iterator[dict], timeout_s: float) -> Iterator[dict]:
+    """DataLoader's timeout error, with the setting that set it."""
     try:
-        multiprocessing.forkserver.ensure_running()  # starts the resource tracker too
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        yield from stream
+    except RuntimeError as exc:
+        if "timed out" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"no batch from the loader's workers in {timeout_s:g} s (data.reader.timeout_s): a worker is hung or "
+            "starved; raise the limit for slow storage"
+        ) from exc
 
 
 def make_loader(

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from opt_ds.config.experiment import check_fits_model, config_to_yaml, load_config
 from opt_ds.config.fields import ConfigError
-from opt_ds.data.stream import make_loader, start_worker_server
+from opt_ds.data.stream import make_loader
 from opt_ds.data.tokenizer import load_tokenizer
+from opt_ds.data.workers import start_worker_server
 from opt_ds.dist.process import device, init_distributed
 from opt_ds.model.config import load_model_config
 from opt_ds.model.size import parameter_count

@@ -1,0 +1,67 @@
+"""The loader's worker processes: forked from a server started early, run at low priority, and bound to the life
+of their rank."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RANK_CHECK_S = 1.0  # how often a worker looks for its rank
+
+
+def start_worker_server() -> None:
+    """Start the forkserver that loader workers fork from, with the reader imported and SIGUSR1 blocked.
+
+    Call it early (before the engine is built): the server imports torch and the reader once while the run sets
+    up, and a worker then starts as a fork of it, not as a fresh interpreter importing torch (seconds, during the
+    first steps of a run).
+
+    Slurm's warning before the time limit (`--signal=USR1@...` without `B:`, `scancel --signal=USR1`) goes to
+    every process of the job step. A worker killed by it, or whose server is (torch's workers exit when their
+    parent does), broke the rank's batch stream before the rank could checkpoint. The server, the workers it
+    forks and multiprocessing's resource tracker inherit the blocked signal; this process unblocks it at once.
+    SIGTERM stays deliverable: it is how the loader's own shutdown ends a worker that does not exit by itself.
+    """
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["opt_ds.data.stream"])
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        multiprocessing.forkserver.ensure_running()  # starts the resource tracker too
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def init_worker(nice: int, rank_pid: int, _worker_id: int) -> None:
+    """DataLoader's worker_init_fn: one thread, `nice`, and an exit when the rank `rank_pid` is gone."""
+    torch.set_num_threads(1)
+    os.nice(nice)
+    threading.Thread(target=_exit_without, args=(rank_pid,), name="rank-watch", daemon=True).start()
+
+
+def _exit_without(rank_pid: int) -> None:
+    """A worker is a child of the forkserver, not of its rank, and holds the server's and the resource tracker's
+    liveness pipes open. When the rank is killed (kill -9, the OOM killer), torch's watchdog, which watches the
+    worker's parent, never fires: the worker, the server and the tracker lived on for good. The worker exits
+    within RANK_CHECK_S of its rank; the server and the tracker then see their pipes close and exit too."""
+    while _alive(rank_pid):
+        time.sleep(RANK_CHECK_S)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed rank whose launcher died too stays a zombie until init reaps it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
