@@ -307,3 +307,118 @@ def test_a_hung_worker_is_an_error_naming_the_timeout(synthetic_shards):
                 next(batches)
     finally:
         worker.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 MB tmpfs: room for one checkpoint of the tiny model (~131 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.mark.slow  # a 2-rank run
+def test_a_full_disk_fails_the_save_by_name_and_keeps_the_previous_checkpoint(synthetic_shards, small_disk):
+    """The second checkpoint does not fit: every rank ends with status 4 and one line naming the device, the
+    partial folder is removed (it used to stay, filling the disk, behind `basic_ios::clear: iostream error`), and
+    the first checkpoint is intact."""
+    from opt_ds.train.checkpoint import damage, tag_for
+
+    config = run_config(small_disk / "c.yaml", synthetic_shards, steps=6, save_every=3)
+    proc = train_ranks(2, "--config", str(config), "--output", str(small_disk / "run"), expect=4)
+    message = f"checkpoint {tag_for(6)} not saved: no space left on tmpfs (mounted on {small_disk};"
+    assert message in proc.stdout and f"{tag_for(3)} is intact" in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    checkpoints = small_disk / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [tag_for(3)]
+    assert damage(checkpoints / tag_for(3)) == ""
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (its SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (sig - 1)))
+
+
+@pytest.mark.slow  # a 2-rank run
+def test_a_stop_signal_during_start_up_exits_75(synthetic_shards, tmp_path):
+    """SIGUSR1 while the ranks still import torch: the handlers are installed on the first line, the ranks set up,
+    agree, and exit 75 before training (they used to die of the signal, a status Slurm does not requeue)."""
+    marker = f"opt-ds-run-{uuid.uuid4().hex}"
+    config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random")
+    with open(tmp_path / "launcher.log", "w") as out:
+        launcher = subprocess.Popen(
+            local_training_command(2, "--config", str(config), "--output", str(tmp_path / "run")),
+            cwd=REPO,
+            env={**os.environ, "OPT_DS_TEST_MARK": marker},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        ranks: list[int] = []
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = [pid for pid, cmd in processes_marked(marker).items() if "opt_ds.train --local_rank" in cmd]
+            time.sleep(0.05)
+        started = time.monotonic()
+        while not all(catches(pid, signal.SIGUSR1) for pid in ranks) and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert all(catches(pid, signal.SIGUSR1) for pid in ranks), "no SIGUSR1 handler 10 s after the ranks started"
+        assert not (tmp_path / "run" / "logs").exists()  # still starting up: no run directory yet
+        for pid in ranks:
+            os.kill(pid, signal.SIGUSR1)
+        assert launcher.wait(timeout=300) == 75, (tmp_path / "launcher.log").read_text()[-3000:]
+    finally:
+        for pid in processes_marked(marker):
+            os.kill(pid, signal.SIGKILL)
+    assert "stopped on request before step 1" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow  # a 2-rank run
+def test_sigterm_to_a_deepspeed_run_started_by_hand_checkpoints(synthetic_shards, tmp_path):
+    """SIGTERM to the process group of `deepspeed --num_gpus 2 ...` (as a terminal's kill, or a scheduler's, sends
+    it): the launcher passes it to each rank's process tree, loader workers included. The workers let it pass
+    (they used to die of it, and the ranks with them, saving nothing), the ranks checkpoint at the next step
+    boundary and exit 75, and no process of the run stays behind."""
+    marker = f"opt-ds-run-{uuid.uuid4().hex}"
+    config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random", train={"steps": 100_000})
+    log = tmp_path / "run" / "logs" / "rank0.log"
+    with open(tmp_path / "launcher.log", "w") as out:
+        launcher = subprocess.Popen(
+            local_training_command(2, "--config", str(config), "--output", str(tmp_path / "run")),
+            cwd=REPO,
+            env={**os.environ, "OPT_DS_TEST_MARK": marker},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and "step 2:" in log.read_text()):
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+            time.sleep(1)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while processes_marked(marker) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert processes_marked(marker) == {}
+    finally:
+        for pid in processes_marked(marker):
+            os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "stopped at step" in text, text[-3000:]
+    stopped = int(text.split("stopped at step ")[1].split()[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()

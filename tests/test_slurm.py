@@ -159,32 +159,41 @@ def test_sbatch_pretraining_on_two_nodes(cluster, config):
     assert "launch srun" in job_output(cluster, "optds-train")
 
 
-def test_preempted_job_checkpoints_requeues_and_finishes(cluster, config):
-    job, run_dir = submit(cluster, "optds-preempt", config, "--set", "train.steps=14", "--set", "train.save_every=0")
+@pytest.mark.parametrize(
+    "launch, signalled",
+    [("srun", "steps"), ("deepspeed", "batch")],
+    ids=["srun-usr1-to-the-ranks", "deepspeed-usr1-to-the-batch-shell"],
+)
+def test_preempted_job_checkpoints_requeues_and_finishes(cluster, config, launch, signalled):
+    """USR1 to the ranks (Slurm's warning before the time limit, `scancel --signal`), or to the batch shell
+    (`--signal=B:`, `scancel --batch`), which forwards it to the steps: the ranks checkpoint and exit 75, the job
+    requeues and resumes. With the deepspeed launcher (its runner over srun) the shell used to signal the runner,
+    which died of it: the job ended with status 138 while the ranks trained on headless."""
+    name = f"optds-preempt-{launch}"
+    train_args = ("--set", "train.steps=14", "--set", "train.save_every=0")
+    job, run_dir = submit(cluster, name, config, *train_args, launch=launch)
     wait_for(lambda: summary_step(run_dir) >= 3, 600, "training to reach step 3", interval=0.5)
-    slurm(cluster, "scancel", "--signal=USR1", job)
+    slurm(cluster, "scancel", "--signal=USR1", *(["--batch"] if signalled == "batch" else []), job)
     wait_for(lambda: int(job_field(cluster, job, "Restarts") or 0) >= 1, 600, "the job to be requeued")
     state = wait_for(lambda: finished(cluster, job), 900, f"requeued job {job}")
-    output = job_output(cluster, "optds-preempt")
+    output = job_output(cluster, name)
     assert state == "COMPLETED", output[-5000:]
-    assert "requeueing job" in output and "(restart 1)" in output
+    assert "requeueing job" in output and "(restart 1)" in output and f"launch {launch}" in output
     stopped = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert "step_00000014" in stopped and len(stopped) == 2, stopped  # the stop's checkpoint and the final one
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "stopped at step" in log and "resumed from" in log
     assert sorted(losses(run_dir)) == list(range(1, 15))
-
-
-@pytest.mark.parametrize("launch", ["mpi", "deepspeed"])
-def test_sbatch_launch_variants(cluster, config, launch):
-    """srun --mpi=pmix with DeepSpeed's mpi4py discovery; the deepspeed launcher (--launcher slurm) over a hostfile."""
-    name = f"optds-{launch}"
-    job, run_dir = submit(cluster, name, config, "--set", "train.steps=2", launch=launch)
-    state = wait_for(lambda: finished(cluster, job), 600, f"job {job}")
-    output = job_output(cluster, name)
-    assert state == "COMPLETED", output[-5000:]
-    assert f"launch {launch}" in output
-    for rank in (0, 1):
-        assert "world of 2" in (run_dir / "logs" / f"rank{rank}.log").read_text()
     if launch == "deepspeed":
         assert (run_dir / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
+
+
+def test_sbatch_with_mpi_discovery(cluster, config):
+    """srun --mpi=pmix with DeepSpeed's mpi4py discovery."""
+    job, run_dir = submit(cluster, "optds-mpi", config, "--set", "train.steps=2", launch="mpi")
+    state = wait_for(lambda: finished(cluster, job), 600, f"job {job}")
+    output = job_output(cluster, "optds-mpi")
+    assert state == "COMPLETED", output[-5000:]
+    assert "launch mpi" in output
+    for rank in (0, 1):
+        assert "world of 2" in (run_dir / "logs" / f"rank{rank}.log").read_text()

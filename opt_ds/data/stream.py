@@ -31,7 +31,7 @@ from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import expand_shards
 from opt_ds.data.skips import SkipCounter
 from opt_ds.data.tars import ends_like_a_tar, tar_samples
-from opt_ds.data.workers import init_worker
+from opt_ds.data.workers import end_at_exit, init_worker
 
 STATE_VERSION = 1
 MAX_UNDECODABLE_RUN = 100_000
@@ -313,7 +313,10 @@ class ResumableLoader:
             if self.num_workers
             else {}
         )
-        return self._batches(iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)))
+        workers = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra))
+        if self.num_workers:
+            end_at_exit(workers)
+        return self._batches(workers)
 
     def _batches(self, stream: Iterator[dict]) -> Iterator[dict]:
         for batch in _named_timeout(stream, self.dataset.cfg.timeout_s):

@@ -3,12 +3,15 @@ of their rank."""
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -17,22 +20,28 @@ RANK_CHECK_S = 1.0  # how often a worker looks for its rank
 
 
 def start_worker_server() -> None:
-    """Start the forkserver that loader workers fork from, with the reader imported and SIGUSR1 blocked.
+    """Start the forkserver that loader workers fork from, with the reader imported and the stop signals
+    (SIGUSR1, SIGTERM) blocked.
 
     Call it early (before the engine is built): the server imports torch and the reader once while the run sets
     up, and a worker then starts as a fork of it, not as a fresh interpreter importing torch (seconds, during the
     first steps of a run).
 
-    Slurm's warning before the time limit (`--signal=USR1@...` without `B:`, `scancel --signal=USR1`) goes to
-    every process of the job step. A worker killed by it, or whose server is (torch's workers exit when their
-    parent does), broke the rank's batch stream before the rank could checkpoint. The server, the workers it
-    forks and multiprocessing's resource tracker inherit the blocked signal; this process unblocks it at once.
-    SIGTERM stays deliverable: it is how the loader's own shutdown ends a worker that does not exit by itself.
+    A stop signal often goes to every process of the run: Slurm's warning before the time limit (`--signal=USR1@`
+    without `B:`, `scancel --signal=USR1`) to every process of the job step, SIGTERM from the deepspeed launcher to
+    each rank's whole process tree. A worker killed by it, or whose server is, broke the rank's batch stream before
+    the rank could checkpoint. The server, the workers it forks and multiprocessing's resource tracker inherit the
+    blocked signals; this process unblocks them at once. A worker still ends with its rank (`init_worker`), when
+    the loader tells it to, and at exit (`end_at_exit`).
     """
     multiprocessing.get_context("forkserver").set_forkserver_preload(["opt_ds.data.stream"])
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    stops = {signal.SIGUSR1, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
-        multiprocessing.forkserver.ensure_running()  # starts the resource tracker too
+        # the tracker first: starting it unblocks SIGTERM (which it ignores itself) in this thread
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        multiprocessing.forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -65,3 +74,20 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def end_at_exit(workers) -> None:
+    """At interpreter exit, end the workers of `workers` (a DataLoader iterator) before multiprocessing joins them.
+    Its own exit hook terminates (SIGTERM, which the workers block) and then joins, for ever, any worker whose
+    iterator was not shut down yet (one still referenced at exit). The workers are told to stop as torch does at
+    shutdown; one that does not within torch's wait is killed."""
+    still_there = weakref.ref(workers)
+
+    def end() -> None:
+        iterator = still_there()
+        if iterator is not None:
+            iterator._shutdown_workers()
+        for process in multiprocessing.active_children():
+            process.kill()
+
+    atexit.register(end)

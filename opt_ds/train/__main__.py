@@ -4,7 +4,10 @@ starting a run of their own."""
 
 import sys
 
-from opt_ds.train.main import main
+from opt_ds.train.signals import stop_request
 
 if __name__ == "__main__":
+    stop_request()  # first: a stop signal during the imports and set-up below is answered, not fatal
+    from opt_ds.train.main import main
+
     sys.exit(main())

@@ -25,15 +25,20 @@ from pathlib import Path
 
 import torch
 
-from opt_ds.dist.process import barrier, broadcast_object
+from opt_ds.dist.process import all_gather_object, barrier, broadcast_object
 
 log = logging.getLogger("opt_ds.train.checkpoint")
 COMPLETE = "COMPLETE"
 PREFIX = "step_"
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (a full disk): a requeued job would fail the same way
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial, or does not match this run."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint some rank could not write (a full disk): its folder is removed, the previous one stands."""
 
 
 def tag_for(step: int) -> str:
@@ -131,28 +136,76 @@ def _sync(path: Path) -> None:
 def save(
     engine, root: Path, step: int, rank: int, world_size: int, data_state: dict, extra_meta: dict, keep_last: int
 ) -> Path:
-    """Collective: every rank calls it at the same step."""
+    """Collective: every rank calls it at the same step. A write that fails on any rank (a full disk) raises
+    SaveFailed on every rank, with the partial folder removed."""
     tag = tag_for(step)
     path = root / tag
     if rank == 0 and path.exists():  # an earlier, interrupted save of this very step
         shutil.rmtree(path)
     barrier()
+    recorded = getattr(engine, "write_failures", None)  # DeepSpeed's own writes (opt_ds.zero.patches)
+    if recorded is not None:
+        recorded.clear()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    _write_atomic(path / f"data_rank{rank}.json", json.dumps(data_state))
-    torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
-    os.sync()  # this node's writes reach the disk (or the file server) before COMPLETE can say they did
-    barrier()  # every rank's shards and state are on disk
-    if rank == 0:
-        meta = {"step": step, "world_size": world_size, "time": time.time(), **extra_meta}
-        _write_atomic(path / "meta.json", json.dumps(meta, indent=1))
-        _sync(path / "meta.json")
-        _write_atomic(path / COMPLETE, json.dumps(file_sizes(path), indent=0))
-        _sync(path / COMPLETE)
-        _sync(path)  # the directory: its entries
-        _write_atomic(root / "latest", tag)
-        prune(root, keep_last)
-    barrier()
+    failures = list(recorded or [])
+    try:
+        _write_atomic(path / f"data_rank{rank}.json", json.dumps(data_state))
+        torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
+        os.sync()  # this node's writes reach the disk (or the file server) before COMPLETE can say they did
+    except (OSError, RuntimeError) as exc:
+        failures.append(exc)
+    # every rank's shards and state are on disk, or some rank says why not
+    errors = [e for e in all_gather_object(f"{type(failures[0]).__name__}: {failures[0]}" if failures else "") if e]
+    failure = errors[0] if errors else None
+    if rank == 0 and failure is None:
+        try:
+            meta = {"step": step, "world_size": world_size, "time": time.time(), **extra_meta}
+            _write_atomic(path / "meta.json", json.dumps(meta, indent=1))
+            _sync(path / "meta.json")
+            _write_atomic(path / COMPLETE, json.dumps(file_sizes(path), indent=0))
+            _sync(path / COMPLETE)
+            _sync(path)  # the directory: its entries
+            _write_atomic(root / "latest", tag)
+            prune(root, keep_last)
+        except OSError as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+    if rank == 0 and failure is not None:
+        failure = _failure_message(root, path, failure)
+        shutil.rmtree(path, ignore_errors=True)
+    failure = broadcast_object(failure if rank == 0 else None)
+    if failure is not None:
+        raise SaveFailed(failure)
     return path
+
+
+def _failure_message(root: Path, path: Path, error: str) -> str:
+    """What a failed save of `path` says: for a full disk, which device, what is free and what a checkpoint takes."""
+    previous = [p for p in complete_checkpoints(root) if p != path]
+    kept = f"; the partial folder was removed and {previous[-1].name} is intact" if previous else ""
+    free = shutil.disk_usage(root).free
+    written = sum(file_sizes(path).values()) if path.is_dir() else 0
+    needed = max(sum(json.loads((previous[-1] / COMPLETE).read_text() or "{}").values()) if previous else 0, written)
+    if "Errno 28" not in error and free > needed:
+        return f"checkpoint {path.name} not saved: {error}{kept}"
+    device, mount = _device_of(root)
+    return (
+        f"checkpoint {path.name} not saved: no space left on {device} (mounted on {mount}; {free / 1e9:.2f} GB "
+        f"free, a checkpoint takes ~{needed / 1e9:.2f} GB){kept}"
+    )
+
+
+def _device_of(path: Path) -> tuple[str, str]:
+    """(device, mount point) of the file system holding `path`, from /proc/mounts."""
+    where = str(path.resolve())
+    best = ("?", "/")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount = line.split()[:2]
+            if (where == mount or where.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[1]):
+                best = (device, mount)
+    except OSError:
+        pass
+    return best
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -20,7 +20,7 @@ from opt_ds.evaluate.retrieval import eval_batches
 from opt_ds.evaluate.suite import evaluate_model
 from opt_ds.model.config import ModelConfig
 from opt_ds.train import memory
-from opt_ds.train.checkpoint import Checkpointer
+from opt_ds.train.checkpoint import EXIT_SAVE_FAILED, Checkpointer, SaveFailed
 from opt_ds.train.guard import EXIT_DIVERGED, DivergenceGuard
 from opt_ds.train.metrics import (
     MetricWindow,
@@ -30,7 +30,7 @@ from opt_ds.train.metrics import (
     measure_matmul_peak_tflops,
     modality_tokens,
 )
-from opt_ds.train.signals import EXIT_RESUMABLE, StopRequest
+from opt_ds.train.signals import EXIT_RESUMABLE, stop_request
 from opt_ds.train.stages import stage_of
 from opt_ds.zero.engine import compute_dtype
 from opt_ds.zero.patches import clear_stale_gradients
@@ -75,7 +75,7 @@ class Trainer:
         self.tokenizer, self.image_tokenizer = tokenizer, image_tokenizer
         self.device, self.dtype = device(), compute_dtype(engine)
         self.reporter = Reporter(run_dir, rank)
-        self.stop = StopRequest()
+        self.stop = stop_request()
         self.guard = DivergenceGuard(cfg.train.max_skipped_in_a_row, cfg.train.loss_spike_factor)
         self.keys_file = run_dir / "logs" / f"keys_rank{rank}.jsonl" if cfg.train.log_sample_keys else None
         self.eval_set = None
@@ -94,6 +94,10 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        if any_rank(self.stop.requested):  # during start-up: nothing trained since the state loaded
+            log.warning("stopped on request before step %d; resume with --resume auto", self.start_step + 1)
+            bar.close()
+            return EXIT_RESUMABLE
         for step in range(self.start_step, cfg.steps):
             self.engine.train()
             plan = self.step_fn.plan(step)
@@ -133,7 +137,10 @@ class Trainer:
                 self.stop_at is not None and done >= self.stop_at and done < cfg.steps
             )
             if (stopping or self._due(done, cfg.save_every)) and self.guard.healthy:
-                self.save(done)
+                try:
+                    self.save(done)
+                except SaveFailed as exc:
+                    return self._end(bar, str(exc), EXIT_SAVE_FAILED)
             if stopping:
                 log.warning("stopped at step %d on request; resume with --resume auto", done)
                 bar.close()
@@ -217,17 +224,21 @@ class Trainer:
 
     def _diverged(self, step: int, bar: tqdm) -> int:
         """End the run: max_skipped_in_a_row micro-steps in a row were skipped; nothing more is saved."""
-        bar.close()
         message = (
             f"diverged: {self.guard.in_a_row} micro-steps in a row up to step {step} had a loss that was not finite "
             "or spiked (train.max_skipped_in_a_row, train.loss_spike_factor); no checkpoint of this state was saved. "
             "Resume from the last one with a lower optim.lr or more warm-up."
         )
+        return self._end(bar, message, EXIT_DIVERGED)
+
+    def _end(self, bar: tqdm, message: str, status: int) -> int:
+        """End the run on an error every rank agreed on: one line on the console, the log, `status`."""
+        bar.close()
         log.error(message)
         if self.rank == 0:
             tqdm.write(f"opt_ds.train: {message}")
         self.reporter.close()
-        return EXIT_DIVERGED
+        return status
 
     def save(self, step: int) -> None:
         meta = {"stage": self.cfg.stage, "model": self.cfg.model}

@@ -119,6 +119,7 @@ def build_engine(cfg: ExperimentConfig, make_module: Callable[[], nn.Module], ds
     )
     if zero_stage(ds_config) == 3:
         patches.apply_zero3(engine, module, hooks_before)
+    patches.record_checkpoint_write_failures(engine)
     return engine, scheduler, hf_handle
 
 

@@ -4,11 +4,13 @@ Each patch says what it fixes and what was measured, and holds for the DeepSpeed
 (requirements.txt pins one of them). On another version a speed patch is left out with a warning (DeepSpeed's
 own path is correct, only slower), and the one patch results depend on (`clear_stale_gradients`) is applied
 only if the buffer it clears is still there, else the run stops with an error at start-up. tests/test_engine.py
-checks each patched behaviour against DeepSpeed's own on real ZeRO-3 partitions.
+checks each ZeRO-3 patch against DeepSpeed's own behaviour on real partitions; tests/test_faults.py fills a disk
+during a save for the recorded checkpoint writes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -169,3 +171,31 @@ def clear_stale_gradients(engine) -> None:
     buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
     if engine.zero_optimization_stage() == 3 and isinstance(buffer, torch.Tensor):
         buffer.zero_()
+
+
+def record_checkpoint_write_failures(engine) -> None:
+    """A full disk during `engine.save_checkpoint`: the rank whose write failed raised out of it while the other
+    ranks waited in its last barrier (a hang until the collective timeout), and said only `basic_ios::clear:
+    iostream error`. Its two writes, the checkpoint engine's `save` and rank 0's copy of the recovery script (both
+    after every collective but that last barrier), now record their error in `engine.write_failures` and return,
+    so every rank gets through save_checkpoint; the Checkpointer then agrees on the failure across ranks. Left out
+    (`engine.write_failures` None: a failed write raises as before) on an unverified DeepSpeed. Tested on a full
+    tmpfs by tests/test_faults.py."""
+    engine.write_failures = None
+    if not verified("record_checkpoint_write_failures"):
+        return
+    failures: list[Exception] = []
+
+    def recorded(write):
+        @functools.wraps(write)
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+                failures.append(exc)
+
+        return call
+
+    engine.checkpoint_engine.save = recorded(engine.checkpoint_engine.save)
+    engine._copy_recovery_script = recorded(engine._copy_recovery_script)
+    engine.write_failures = failures
