@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -698,3 +699,21 @@ def test_inspect_cli_reports_json(synthetic_shards):
     assert report["shards"] == 6 and report["samples_per_s"] > 0
     table = run_module("opt_ds.data.inspect", str(synthetic_shards), "--workers", "0").stdout
     assert "60 samples from 6 shards" in table and "image+text+audio" in table
+
+
+def test_a_shard_directory_removed_mid_run_is_an_error_naming_the_shards(tmp_path):
+    """The shards go away while a run reads them: what was open is read, the rest is counted, and the stream ends
+    with an error saying the shards could not be read (it used to blame ranks x workers)."""
+    shards = tmp_path / "s"
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "20", "--max-samples", "10", "--out", str(shards))
+    loader = make_loader(
+        [SourceConfig("s", str(shards))],
+        DecodeConfig(),
+        ReaderConfig(batch_size=4, num_workers=0, shuffle_buffer=0, shuffle_shards=False),
+    )
+    batches = iter(loader)
+    next(batches)
+    shutil.rmtree(shards)
+    with pytest.raises(RuntimeError, match=r"2 of its shards could not be read \(first: .*shard-00000\d\.tar: "):
+        for _ in range(20):
+            next(batches)

@@ -125,15 +125,14 @@ class SourceStream:
         self.max_member_bytes = max_member_bytes
         self._it: Iterator[dict] | None = None
         self._replaying = False
+        self._epoch_errors: list[str] = []  # this epoch's unreadable shards, for the error when it reads nothing
 
     def _tar_error(self, exn: Exception) -> bool:
-        if self._replaying:  # already counted before the checkpoint
-            return True
-        self.skips.add(
-            "tar_error",
-            str(exn.args[-1]) if exn.args else "?",
-            f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}",
-        )
+        what = exn.strerror if isinstance(exn, OSError) and exn.strerror else exn.args[0] if exn.args else ""
+        where, detail = str(exn.args[-1]) if exn.args else "?", f"{type(exn).__name__}: {what}"
+        self._epoch_errors.append(f"{where}: {detail}")
+        if not self._replaying:  # else already counted before the checkpoint
+            self.skips.add("tar_error", where, detail)
         return True
 
     def _checked(self, urls: list[str]) -> Iterator[str]:
@@ -172,6 +171,7 @@ class SourceStream:
         pos = self.position
         while not pos.done:
             if self._it is None:
+                self._epoch_errors = []
                 self._it = self._epoch_samples(pos.epoch)
                 self._replaying = True
                 for _ in itertools.islice(self._it, pos.consumed):
@@ -182,9 +182,15 @@ class SourceStream:
                 pos.consumed += 1
                 return sample
             if pos.consumed == 0 and self.cfg.max_epochs is None:
+                errors = self._epoch_errors
+                why = (
+                    f"{len(errors)} of its shards could not be read (first: {errors[0]})"
+                    if errors
+                    else "fewer readable samples than ranks x workers?"
+                )
                 raise RuntimeError(
                     f"source '{self.name}' gave slot {self.slot} of {self.n_slots} no samples in epoch "
-                    f"{pos.epoch}: fewer readable samples than ranks x workers?"
+                    f"{pos.epoch}: {why}"
                 )
             self._it = None
             pos.epoch, pos.consumed = pos.epoch + 1, 0
