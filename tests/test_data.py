@@ -717,3 +717,15 @@ def test_a_shard_directory_removed_mid_run_is_an_error_naming_the_shards(tmp_pat
     with pytest.raises(RuntimeError, match=r"2 of its shards could not be read \(first: .*shard-00000\d\.tar: "):
         for _ in range(20):
             next(batches)
+
+
+def test_images_decode_only_in_the_formats_image_extensions_name():
+    """A PNG saved as .jpg decodes (common on the web); an EPS or a BMP never reaches its parser (EPS runs
+    Ghostscript) and is counted as bad_image, the caption kept."""
+    decoder = SampleDecoder(DecodeConfig())
+    out, problems = decoder({"__key__": "k", "jpg": image_bytes((32, 32), fmt="PNG"), "txt": b"a png named .jpg"})
+    assert "image" in out and problems == []
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    for data in (eps, image_bytes((32, 32), fmt="BMP")):
+        out, problems = decoder({"__key__": "k", "jpg": data, "txt": b"a caption"})
+        assert "image" not in out and "text_ids" in out and [p[0] for p in problems] == ["bad_image"]

@@ -27,6 +27,10 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # greatest common divisor, gigabytes for one clip. Every common recording rate is here.
 SAMPLE_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000, 88_200, 96_000)
 CHARS_PER_TOKEN = 32  # a caption is cut to this many characters per text token before tokenising
+# PIL reads an image only as one of the formats the image extensions name (a PNG saved as .jpg, common on the web,
+# still decodes): a file in any other format never reaches that format's parser (EPS runs Ghostscript; PSD, FITS,
+# and the other rarely used decoders are where PIL's security fixes land) and is counted as bad_image.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")  # MPO: the JPEG variant many cameras write
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class SampleDecoder:
         )
 
     def image(self, data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             width, height = img.size
             if width * height > self.cfg.max_image_pixels:
                 raise OversizeError(f"{width}x{height} pixels > {self.cfg.max_image_pixels}")
