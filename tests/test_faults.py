@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -245,14 +247,12 @@ def processes_marked(marker: str) -> dict[int, str]:
     return found
 
 
-@pytest.mark.slow  # a 2-rank run started and killed
-def test_a_rank_killed_leaves_no_process_of_the_run_behind(synthetic_shards, tmp_path):
-    """kill -9 of one rank: the launcher ends the other rank, and the killed rank's loader worker, its server and
-    the resource tracker exit too (they lived on for good: the worker holds the others' liveness pipes and torch's
-    watchdog watches the server, not the rank)."""
+@contextlib.contextmanager
+def marked_run(config: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """(launcher, marker) of a 2-rank `deepspeed` run into tmp_path/run, started as a user would (its own session,
+    output in tmp_path/launcher.log), every process of it marked in its environment; what is left of it is killed
+    at the end."""
     marker = f"opt-ds-run-{uuid.uuid4().hex}"
-    config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random", train={"steps": 100_000})
-    log = tmp_path / "run" / "logs" / "rank1.log"
     with open(tmp_path / "launcher.log", "w") as out:
         launcher = subprocess.Popen(
             local_training_command(2, "--config", str(config), "--output", str(tmp_path / "run")),
@@ -263,21 +263,40 @@ def test_a_rank_killed_leaves_no_process_of_the_run_behind(synthetic_shards, tmp
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 300
-        while not (log.is_file() and "step 2:" in log.read_text()):
-            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
-            time.sleep(1)
-        running = processes_marked(marker)
-        assert sum("multiprocessing.forkserver" in cmd for cmd in running.values()) == 4  # 2 servers, 2 workers
-        os.kill(next(pid for pid, cmd in running.items() if "--local_rank=1" in cmd), signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while processes_marked(marker) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert processes_marked(marker) == {}
-        assert launcher.wait(timeout=10) != 0
+        yield launcher, marker
     finally:
         for pid in processes_marked(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_step(launcher: subprocess.Popen, log: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and f"step {step}:" in log.read_text()):
+        assert launcher.poll() is None and time.monotonic() < deadline, f"no step {step} in {log}"
+        time.sleep(1)
+
+
+def gone_within(marker: str, seconds: float) -> dict[int, str]:
+    """The processes marked `marker` still alive after at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while processes_marked(marker) and time.monotonic() < deadline:
+        time.sleep(1)
+    return processes_marked(marker)
+
+
+@pytest.mark.slow  # a 2-rank run started and killed
+def test_a_rank_killed_leaves_no_process_of_the_run_behind(synthetic_shards, tmp_path):
+    """kill -9 of one rank: the launcher ends the other rank, and the killed rank's loader worker, its server and
+    the resource tracker exit too (they lived on for good: the worker holds the others' liveness pipes and torch's
+    watchdog watches the server, not the rank)."""
+    config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random", train={"steps": 100_000})
+    with marked_run(config, tmp_path) as (launcher, marker):
+        wait_for_step(launcher, tmp_path / "run" / "logs" / "rank1.log", 2)
+        running = processes_marked(marker)
+        assert sum("multiprocessing.forkserver" in cmd for cmd in running.values()) == 4  # 2 servers, 2 workers
+        os.kill(next(pid for pid, cmd in running.items() if "--local_rank=1" in cmd), signal.SIGKILL)
+        assert gone_within(marker, 60) == {}
+        assert launcher.wait(timeout=10) != 0
 
 
 @pytest.mark.slow  # waits out the limit
@@ -354,18 +373,8 @@ def catches(pid: int, sig: signal.Signals) -> bool:
 def test_a_stop_signal_during_start_up_exits_75(synthetic_shards, tmp_path):
     """SIGUSR1 while the ranks still import torch: the handlers are installed on the first line, the ranks set up,
     agree, and exit 75 before training (they used to die of the signal, a status Slurm does not requeue)."""
-    marker = f"opt-ds-run-{uuid.uuid4().hex}"
     config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random")
-    with open(tmp_path / "launcher.log", "w") as out:
-        launcher = subprocess.Popen(
-            local_training_command(2, "--config", str(config), "--output", str(tmp_path / "run")),
-            cwd=REPO,
-            env={**os.environ, "OPT_DS_TEST_MARK": marker},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with marked_run(config, tmp_path) as (launcher, marker):
         deadline = time.monotonic() + 60
         ranks: list[int] = []
         while len(ranks) < 2 and time.monotonic() < deadline:
@@ -379,9 +388,6 @@ def test_a_stop_signal_during_start_up_exits_75(synthetic_shards, tmp_path):
         for pid in ranks:
             os.kill(pid, signal.SIGUSR1)
         assert launcher.wait(timeout=300) == 75, (tmp_path / "launcher.log").read_text()[-3000:]
-    finally:
-        for pid in processes_marked(marker):
-            os.kill(pid, signal.SIGKILL)
     assert "stopped on request before step 1" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
@@ -392,32 +398,13 @@ def test_sigterm_to_a_deepspeed_run_started_by_hand_checkpoints(synthetic_shards
     it): the launcher passes it to each rank's process tree, loader workers included. The workers let it pass
     (they used to die of it, and the ranks with them, saving nothing), the ranks checkpoint at the next step
     boundary and exit 75, and no process of the run stays behind."""
-    marker = f"opt-ds-run-{uuid.uuid4().hex}"
     config = write_config(tmp_path / "c.yaml", synthetic_shards, image_tokenizer="random", train={"steps": 100_000})
     log = tmp_path / "run" / "logs" / "rank0.log"
-    with open(tmp_path / "launcher.log", "w") as out:
-        launcher = subprocess.Popen(
-            local_training_command(2, "--config", str(config), "--output", str(tmp_path / "run")),
-            cwd=REPO,
-            env={**os.environ, "OPT_DS_TEST_MARK": marker},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while not (log.is_file() and "step 2:" in log.read_text()):
-            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
-            time.sleep(1)
+    with marked_run(config, tmp_path) as (launcher, marker):
+        wait_for_step(launcher, log, 2)
         os.killpg(launcher.pid, signal.SIGTERM)
         launcher.wait(timeout=120)
-        deadline = time.monotonic() + 30
-        while processes_marked(marker) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert processes_marked(marker) == {}
-    finally:
-        for pid in processes_marked(marker):
-            os.kill(pid, signal.SIGKILL)
+        assert gone_within(marker, 30) == {}
     text = log.read_text()
     assert "stopped at step" in text, text[-3000:]
     stopped = int(text.split("stopped at step ")[1].split()[0])
