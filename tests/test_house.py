@@ -182,6 +182,8 @@ def test_config_errors_name_the_key(overrides, message):
         ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "bf16 and fp16 are both enabled"),
         ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+        ({"zero_optimization": {"stage": 3, "reduce_bucket_sise": 5}}, "zero_optimization.reduce_bucket_sise: Extra"),
+        ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "lots"}}, "zero_optimization.reduce_bucket_size: "),
     ],
 )
 def test_bad_deepspeed_json_names_the_key(tmp_path, section, message):

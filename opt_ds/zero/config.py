@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 from opt_ds.config.experiment import ExperimentConfig, resolve_path
 from opt_ds.config.fields import ConfigError
@@ -72,6 +73,21 @@ def load_deepspeed_config(cfg: ExperimentConfig, parameters: int) -> dict:
             zero[key] = auto_bucket_size(parameters)
     if zero.get("leaf_module") == "auto":
         zero["leaf_module"] = {"classes": leaf_module_classes()}
+    check_zero_section(path, zero)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def check_zero_section(path: Path, zero: dict) -> None:
+    """The zero_optimization section through DeepSpeed's own model of it, at start-up: a misspelt or mistyped key
+    failed only when the engine was built, after the process group and the run directory existed."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(f"{path}: zero_optimization.{key}: {error['msg']}") from None
