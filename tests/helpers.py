@@ -47,14 +47,15 @@ def spawn_gloo_ranks(target, out_dir: Path, ranks: int = 2, timeout: float = 120
     assert [p.exitcode for p in procs] == [0] * ranks
 
 
-def join_gloo_group(rank: int, port: int, world_size: int = 2) -> None:
-    """Inside a spawned rank: the environment DeepSpeed reads, and the gloo process group."""
+def join_gloo_group(rank: int, port: int, world_size: int = 2, backend: str = "gloo") -> None:
+    """Inside a spawned rank: the environment DeepSpeed reads, and the gloo process group (`backend`: e.g.
+    "cuda:gloo", gloo for CUDA tensors only, as NCCL's group is)."""
     import torch.distributed as dist
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
 
 
 def run_bounded(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import free_port, run_bounded, run_module
+from helpers import free_port, join_gloo_group, run_bounded, run_module, spawn_gloo_ranks
 from opt_ds.dist.hostfile import expand_nodelist, hostfile, slurm_slots
 from opt_ds.dist.launch import discovery_method, port_for_job, slurm_env
 
@@ -175,3 +176,34 @@ def test_torchrun(small_config, tmp_path):
     proc = run_bounded(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert_world_of_two(run_dir, proc.stdout)
+
+
+def host_collectives_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two ranks whose default group serves CUDA tensors only, as NCCL's does (here gloo for CUDA alone):
+    every collective opt_ds issues on host values."""
+    join_gloo_group(rank, port, backend="cuda:gloo")
+    from opt_ds.dist import process
+
+    process.init_host_group()
+    results = {
+        "sum": process.all_reduce([1.0, float(rank)], "sum"),
+        "any": process.any_rank(rank == 1),
+        "gathered": process.all_gather_object({"rank": rank}),
+        "broadcast": process.broadcast_object(f"from rank {rank}"),
+    }
+    process.barrier()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_host_collectives_work_when_the_default_group_serves_devices_only(tmp_path):
+    """On NCCL a CPU tensor reduced on the default group raised "No backend type associated with device type cpu"
+    at the end of step 1 of every multi-GPU run; the host values now go through a gloo group."""
+    spawn_gloo_ranks(host_collectives_rank, tmp_path)
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert results == {
+            "sum": [2.0, 1.0],
+            "any": True,
+            "gathered": [{"rank": 0}, {"rank": 1}],
+            "broadcast": "from rank 0",
+        }

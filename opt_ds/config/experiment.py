@@ -79,8 +79,13 @@ class RunConfig:
     # loss_spike_factor x that task's recent median (0: no spike check), is skipped; this many in a row end the run
     max_skipped_in_a_row: int = 5
     loss_spike_factor: float = 10.0
+    # how long a rank waits in a device collective (NCCL) for a peer that hangs before the run fails; a peer that
+    # dies is ended sooner by the launcher. Saves and evaluation wait on their own (gloo) host group, with 30 min.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         for name in ("steps", "log_every", "keep_last", "gradient_accumulation", "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
@@ -319,7 +320,15 @@ class ResumableLoader:
             if self.num_workers
             else {}
         )
-        workers = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra))
+        workers = iter(
+            DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),  # page-locked batches: copied to the GPU without blocking
+                **extra,
+            )
+        )
         if self.num_workers:
             end_at_exit(workers)
         return self._batches(workers)

@@ -10,8 +10,13 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Join the process group (gloo on CPU, nccl on CUDA) however the job was launched; -> (rank, local_rank, world)."""
+HOST_TIMEOUT = timedelta(minutes=30)  # host-side waits include a rank saving a checkpoint or evaluating alone
+
+
+def init_distributed(timeout_s: float = HOST_TIMEOUT.total_seconds()) -> tuple[int, int, int]:
+    """Join the process group (gloo on CPU, nccl on CUDA) however the job was launched; -> (rank, local_rank, world).
+    `timeout_s` bounds a device collective (NCCL, with its asynchronous error handling on); on CPU the one gloo
+    group carries host waits too and keeps HOST_TIMEOUT."""
     import deepspeed
 
     from opt_ds.dist.launch import choose_gloo_interface, fix_mpi_local_rank, prepare_environment
@@ -20,12 +25,16 @@ def init_distributed() -> tuple[int, int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         choose_gloo_interface()
+        timeout_s = max(timeout_s, HOST_TIMEOUT.total_seconds())
+    else:  # a collective that times out aborts the communicator and raises, rather than hanging (torch's default)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     # MPI discovery sets MASTER_PORT to `distributed_port`: hand it the job's port, not DeepSpeed's fixed 29500
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=method == "mpi",
                                distributed_port=int(os.environ.get("MASTER_PORT") or 29500),
-                               timeout=timedelta(minutes=30))
+                               timeout=timedelta(seconds=timeout_s))
     if method == "mpi":
         fix_mpi_local_rank()
+    init_host_group()
     unlink_shm_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -49,6 +58,19 @@ def unlink_shm_allreduce_buffer() -> None:
         os.unlink(name)
 
 
+_host_group: dist.ProcessGroup | None = None  # None: the default group serves CPU tensors itself
+
+
+def init_host_group() -> None:
+    """Collective: give the host-side collectives below (a few floats, flags, objects) a gloo group when the default
+    group has no CPU backend. NCCL's serves CUDA tensors only: a CPU tensor reduced on it raises "No backend type
+    associated with device type cpu", at the end of step 1 of every multi-GPU run. Megatron keeps a gloo group
+    beside NCCL for the same values."""
+    global _host_group
+    if dist.is_initialized() and "cpu:" not in dist.get_backend_config():
+        _host_group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -56,7 +78,7 @@ def device() -> torch.device:
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=_host_group)
     return t.tolist()
 
 
@@ -64,7 +86,7 @@ def all_gather_object(obj):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_host_group)
     return out
 
 
@@ -73,13 +95,13 @@ def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_host_group)
     return box[0]
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=_host_group)
 
 
 def any_rank(flag: bool) -> bool:

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.reader.num_workers:
         start_worker_server()
 
-    rank, _, world_size = init_distributed()
+    rank, _, world_size = init_distributed(cfg.train.collective_timeout_s)
     run_dir = setup_run_dir(args.output, rank, cfg)
     log.info(
         "world of %d; rank %d on host %s; model %s; stage %s; %s",

@@ -74,20 +74,30 @@ def parameter_groups(module: nn.Module, weight_decay: float, lr: float, lr_scale
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:
-    """FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch's fused AdamW otherwise (all AdamW).
+    """AdamW: DeepSpeedCPUAdam with optimizer offload; on CUDA DeepSpeed's FusedAdam when its op builds, else
+    torch's fused AdamW; torch's fused AdamW on CPU. The choice is logged.
 
-    torch's default AdamW on CPU loops over parameters and makes six passes over each; the fused kernel
-    makes one (8x faster on a 40M-element partition here, BENCHMARKS.md).
+    FusedAdam is JIT-built and needs nvcc, which PyPI's torch wheels do not bring: on a machine without a CUDA
+    toolkit torch's fused kernel, which needs no build, takes its place. On CPU torch's default AdamW loops over
+    parameters and makes six passes over each; the fused kernel makes one (8x faster on a 40M-element partition
+    here, BENCHMARKS.md).
     """
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        log.info("optimizer: DeepSpeedCPUAdam (optimizer offload)")
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if torch.cuda.is_available():
-        from deepspeed.ops.adam import FusedAdam
+        try:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+            optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
+            log.info("optimizer: DeepSpeed FusedAdam")
+            return optimizer
+        except Exception as exc:  # noqa: BLE001  a failed op build raises many types (no nvcc, a compiler error)
+            log.warning("optimizer: DeepSpeed's FusedAdam did not build (%s); torch's fused AdamW instead", exc)
+    log.info("optimizer: torch AdamW (fused)")
     return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
