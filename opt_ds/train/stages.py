@@ -33,9 +33,13 @@ from opt_ds.train.metrics import step_flops
 log = logging.getLogger("opt_ds.train.stages")
 
 
-def load_image_tokenizer(path: str, model_cfg: ModelConfig, device: torch.device) -> VQVAE:
-    """The frozen VQ-VAE: exported weights (the image_tokenizer.* part of an export), or a fresh one for 'random'."""
-    tokenizer = VQVAE(model_cfg.vq)
+def load_image_tokenizer(path: str, model_cfg: ModelConfig, device: torch.device, seed: int) -> VQVAE:
+    """The frozen VQ-VAE: exported weights (the image_tokenizer.* part of an export), or for 'random' a fresh one
+    drawn from `seed`, the same one in a resumed run (it was drawn from the RNG state the checkpoint restored, so a
+    resumed run learned other codes than the uninterrupted one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = VQVAE(model_cfg.vq)
     if path == RANDOM_IMAGE_TOKENIZER:
         log.warning("image_tokenizer: random: MVM and image generation learn the codes of an untrained VQ-VAE")
     else:
@@ -126,7 +130,7 @@ class Pretraining:
         """-> (the step, the frozen image tokenizer it encodes images with, if any)."""
         image_tokenizer = None
         if cfg.image_tokenizer is not None:
-            image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device)
+            image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device, cfg.train.seed)
         step = PretrainStep(
             model_cfg, scheduler, build_tasks(cfg.tasks), image_tokenizer, specials, cfg.train.seed, rank
         )
