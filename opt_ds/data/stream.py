@@ -126,12 +126,12 @@ class SourceStream:
         self.max_member_bytes = max_member_bytes
         self._it: Iterator[dict] | None = None
         self._replaying = False
-        self._epoch_errors: list[str] = []  # this epoch's unreadable shards, for the error when it reads nothing
+        self._epoch_errors: dict[str, str] = {}  # this epoch's unreadable shards -> why, for when it reads nothing
 
     def _tar_error(self, exn: Exception) -> bool:
         what = exn.strerror if isinstance(exn, OSError) and exn.strerror else exn.args[0] if exn.args else ""
         where, detail = str(exn.args[-1]) if exn.args else "?", f"{type(exn).__name__}: {what}"
-        self._epoch_errors.append(f"{where}: {detail}")
+        self._epoch_errors.setdefault(where, detail)
         if not self._replaying:  # else already counted before the checkpoint
             self.skips.add("tar_error", where, detail)
         return True
@@ -172,7 +172,7 @@ class SourceStream:
         pos = self.position
         while not pos.done:
             if self._it is None:
-                self._epoch_errors = []
+                self._epoch_errors = {}
                 self._it = self._epoch_samples(pos.epoch)
                 self._replaying = True
                 for _ in itertools.islice(self._it, pos.consumed):
@@ -185,7 +185,7 @@ class SourceStream:
             if pos.consumed == 0 and self.cfg.max_epochs is None:
                 errors = self._epoch_errors
                 why = (
-                    f"{len(errors)} of its shards could not be read (first: {errors[0]})"
+                    f"{len(errors)} of its shards could not be read (first: {': '.join(next(iter(errors.items())))})"
                     if errors
                     else "fewer readable samples than ranks x workers?"
                 )

@@ -181,7 +181,7 @@ def save(
 def _failure_message(root: Path, path: Path, error: str) -> str:
     """What a failed save of `path` says: for a full disk, which device, what is free and what a checkpoint takes."""
     previous = [p for p in complete_checkpoints(root) if p != path]
-    kept = f"; the partial folder was removed and {previous[-1].name} is intact" if previous else ""
+    kept = "; the partial folder was removed" + (f" and {previous[-1].name} is intact" if previous else "")
     free = shutil.disk_usage(root).free
     written = sum(file_sizes(path).values()) if path.is_dir() else 0
     needed = max(sum(json.loads((previous[-1] / COMPLETE).read_text() or "{}").values()) if previous else 0, written)
