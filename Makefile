@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := openmpi-bin libopenmpi-dev numactl libaio-dev slurm-wlm munge espeak-ng librsvg2-bin
+APT_PACKAGES := openmpi-bin libopenmpi-dev numactl libaio-dev slurm-wlm munge espeak-ng librsvg2-bin curl
 PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from helpers import run_module
+from helpers import free_port, run_module
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
@@ -729,3 +730,32 @@ def test_images_decode_only_in_the_formats_image_extensions_name():
     for data in (eps, image_bytes((32, 32), fmt="BMP")):
         out, problems = decoder({"__key__": "k", "jpg": data, "txt": b"a caption"})
         assert "image" not in out and "text_ids" in out and [p[0] for p in problems] == ["bad_image"]
+
+
+def test_shards_over_http_are_read_and_a_missing_one_is_counted(tmp_path):
+    """Shards from an HTTP server (Python's, on this machine) through webdataset's curl opener; a 404 used to
+    escape the reader from the pipe's close (curl's exit 22) and end the run."""
+    run_module("opt_ds.data.build_shards", "synthetic", "--num", "30", "--max-samples", "10", "--out", str(tmp_path))
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/shard-{{000000..000003}}.tar"  # three shards there, the fourth missing
+        loader = make_loader(
+            [SourceConfig("web", url)],
+            DecodeConfig(),
+            ReaderConfig(batch_size=4, num_workers=0, max_epochs=1, shuffle_buffer=0, shuffle_shards=False),
+        )
+        first = url.replace("{000000..000003}", "000000")
+        for _ in range(50):  # the server is up once it answers
+            if subprocess.run(["curl", "-sf", "-o", "/dev/null", first]).returncode == 0:
+                break
+            time.sleep(0.1)
+        assert len(set(keys_of(list(loader)))) == 30
+        assert loader.skip_counts() == {"tar_error": 1}
+    finally:
+        server.kill()
+        server.wait()

@@ -9,6 +9,7 @@ Compressed tars (.tar.gz, .tar.bz2, .tar.xz) are read as streams under the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tarfile
@@ -64,9 +65,9 @@ def _damage_reported(tar: tarfile.TarFile, url: str, at: int, on_error: Callable
 
 def _members(opened: Iterable[dict], max_member_bytes: int, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
     for source in opened:
-        url = source["url"]
+        url, stream, closed = source["url"], source["stream"], False
         try:
-            with tarfile.open(fileobj=source["stream"], mode="r|*", ignore_zeros=True, tarinfo=_CheckedHeader) as tar:
+            with tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True, tarinfo=_CheckedHeader) as tar:
                 for info in tar:
                     tar.members = []  # a stream of millions of members: keep none
                     _damage_reported(tar, url, info.offset, on_error)
@@ -78,11 +79,15 @@ def _members(opened: Iterable[dict], max_member_bytes: int, on_error: Callable[[
                         data = tar.extractfile(info).read()
                     yield {"fname": info.name, "data": data, "__url__": url}
                 _damage_reported(tar, url, tar.offset, on_error)
+            closed = True
+            stream.close()  # a pipe's close reports its command's failure (curl: a 404, a dropped connection)
         except Exception as exn:  # noqa: BLE001  a shard's damage ends that shard only
             exn.args = (*exn.args, url)
             on_error(exn)
         finally:
-            source["stream"].close()
+            if not closed:  # after an error (already counted), or when the reader stops early
+                with contextlib.suppress(Exception):
+                    stream.close()
         yield {}  # the shard's end: no sample spans two shards
 
 
