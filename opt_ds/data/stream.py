@@ -64,6 +64,7 @@ class ReaderConfig:
     worker_nice: int = 19
     # seconds the rank waits for a batch before a worker counts as hung (an error naming this key); 0: forever
     timeout_s: float = 600.0
+    shard_stall_s: float = 60.0  # an HTTP(S) shard that sends nothing this long is given up, counted, skipped
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("prefetch_factor", 1)):
@@ -71,6 +72,8 @@ class ReaderConfig:
                 raise ValueError(f"data.reader.{name} must be >= {low}, got {getattr(self, name)}")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"data.reader.max_epochs must be >= 1 (or null: forever), got {self.max_epochs}")
+        if self.shard_stall_s < 1:
+            raise ValueError(f"data.reader.shard_stall_s must be >= 1, got {self.shard_stall_s}")
         if self.timeout_s < 0:
             raise ValueError(f"data.reader.timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
         if not 0 <= self.worker_nice <= 19:
@@ -157,7 +160,7 @@ class SourceStream:
                 rng.shuffle(order)
             stride = len(order) < self.n_slots
             mine = order if stride else order[self.slot :: self.n_slots]
-        samples = tar_samples(self._checked(mine), self.max_member_bytes, self._tar_error)
+        samples = tar_samples(self._checked(mine), self.max_member_bytes, self._tar_error, self.cfg.shard_stall_s)
         if stride:
             samples = (s for i, s in enumerate(samples) if i % self.n_slots == self.slot)
         if self.cfg.shuffle_buffer > 1:

@@ -15,7 +15,8 @@ import re
 import tarfile
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from webdataset.tariterators import group_by_keys, url_opener
+from webdataset.gopen import Pipe, gopen
+from webdataset.tariterators import group_by_keys
 
 SKIPPED_NAMES = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (__key__ etc.)
 
@@ -91,8 +92,28 @@ def _members(opened: Iterable[dict], max_member_bytes: int, on_error: Callable[[
         yield {}  # the shard's end: no sample spans two shards
 
 
-def tar_samples(urls: Iterable[str], max_member_bytes: int, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+def open_shard(url: str, stall_s: float):
+    """A shard's byte stream. HTTP(S) through curl as webdataset does, and also given up when it delivers nothing
+    for `stall_s` seconds (webdataset's curl waits for ever on a server that stops sending); the rest by gopen."""
+    if not url.startswith(("http://", "https://")):
+        return gopen(url)
+    curl = ["curl", "--fail", "--silent", "--location", "--connect-timeout", "30", "--retry", "2", "--retry-delay", "2"]
+    stalls = ["--speed-limit", "1", "--speed-time", str(max(1, round(stall_s)))]
+    return Pipe([*curl, *stalls, url], mode="rb", bufsize=1 << 16, ignore_status=[141, 23])
+
+
+def _opened(urls: Iterable[str], stall_s: float, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    for url in urls:
+        try:
+            yield {"url": url, "stream": open_shard(url, stall_s)}
+        except Exception as exn:  # noqa: BLE001  a shard that does not open is counted like a damaged one
+            exn.args = (*exn.args, url)
+            on_error(exn)
+
+
+def tar_samples(
+    urls: Iterable[str], max_member_bytes: int, on_error: Callable[[Exception], bool], stall_s: float = 60.0
+) -> Iterator[dict]:
     """Samples (key -> member bytes, or UnreadMember) of the tars at `urls`, in order. `on_error(exception)` is
     told of every damaged or unreadable part (the exception's last argument is the shard)."""
-    opened = url_opener(({"url": url} for url in urls), handler=on_error)
-    return group_by_keys(_members(opened, max_member_bytes, on_error), handler=on_error)
+    return group_by_keys(_members(_opened(urls, stall_s, on_error), max_member_bytes, on_error), handler=on_error)
