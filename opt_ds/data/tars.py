@@ -1,10 +1,11 @@
 """Tar shards read member by member, every size checked from its header before a byte of it is read.
 
-webdataset's tar reader (which opt_ds otherwise uses: its URL opener and key grouping) reads each member whole and
-ends a shard silently at the first damaged header. Here a member larger than a sample may be is passed over
-unread (a 1 MB .tar.gz can hold a 1 GiB member: it is inflated in small blocks and dropped, never held), and a
-damaged header is reported and stepped over, so one flipped byte costs its own member, not the rest of the shard.
-Compressed tars (.tar.gz, .tar.bz2, .tar.xz) are read as streams under the same rules.
+webdataset's tar reader (of which opt_ds keeps `gopen` and the key grouping) reads each member whole and ends a
+shard silently at the first damaged header. Here a member larger than a sample may be is passed over unread (a
+1 MB .tar.gz can hold a 1 GiB member: it is inflated in small blocks and dropped, never held), and a damaged header
+is reported and stepped over, so one flipped byte costs its own member, not the rest of the shard. Compressed
+tars (.tar.gz, .tar.bz2, .tar.xz) are read as streams under the same rules; HTTP(S) shards come through curl with
+a limit on how long a server may send nothing.
 """
 
 from __future__ import annotations
