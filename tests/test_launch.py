@@ -193,6 +193,7 @@ def host_collectives_rank(rank: int, port: int, out_dir: str) -> None:
     }
     process.barrier()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    process.close_distributed()
 
 
 def test_host_collectives_work_when_the_default_group_serves_devices_only(tmp_path):

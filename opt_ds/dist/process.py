@@ -71,6 +71,17 @@ def init_host_group() -> None:
         _host_group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
 
 
+def close_distributed() -> None:
+    """Collective: leave the process groups together at the end of a run. A process that exits with its gloo
+    groups alive can abort in their destructors ("terminate called without an active exception", status 134)
+    while a peer closes its side; torch also warns of an NCCL group never destroyed."""
+    global _host_group
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+        _host_group = None
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -18,7 +18,7 @@ from opt_ds.config.fields import ConfigError
 from opt_ds.data.stream import make_loader
 from opt_ds.data.tokenizer import load_tokenizer
 from opt_ds.data.workers import start_worker_server
-from opt_ds.dist.process import device, init_distributed
+from opt_ds.dist.process import close_distributed, device, init_distributed
 from opt_ds.model.config import load_model_config
 from opt_ds.model.size import parameter_count
 from opt_ds.tasks import TASKS, TaskScheduler, TextSpecials
@@ -135,4 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         image_tokenizer,
         stop_at=args.stop_at,
     )
-    return trainer.fit()
+    status = trainer.fit()  # every rank ends with the same status
+    close_distributed()
+    return status
