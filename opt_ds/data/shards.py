@@ -1,4 +1,5 @@
-"""Turn a user's shard spec (brace pattern, directory, list file) into a checked list of shard URLs.
+"""Turn a user's shard spec (brace pattern, directory, list file, object-store prefix) into a checked list of
+shard URLs.
 
 A list file names shards only: a `pipe:` line in one is refused (webdataset would run it in a shell).
 """
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import braceexpand
 
+from opt_ds.data.tars import OBJECT_STORES
+
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 
 
@@ -17,7 +20,36 @@ class ShardSpecError(ValueError):
     """A shard spec names nothing, or names local files that do not exist."""
 
 
+def _object_store(spec: str):
+    """The fsspec filesystem of an s3:// or gs:// spec, and the spec's path in it; its package missing is a spec
+    error at start-up rather than every shard failing in the workers."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(spec)
+    except ImportError as exc:
+        raise ShardSpecError(f"cannot read {spec}: {exc}") from None
+
+
+def _object_store_prefix(spec: str) -> list[str]:
+    """`s3://bucket/path/`, like a local directory: its .tar objects, sorted (listed once, at start-up)."""
+    fs, path = _object_store(spec)
+    try:
+        names = sorted(fs.glob(path.rstrip("/") + "/*.tar"))
+    except Exception as exc:  # noqa: BLE001  no such bucket, no credentials, no connection: each its own type
+        raise ShardSpecError(f"cannot list {spec}: {type(exc).__name__}: {exc}") from None
+    if not names:
+        raise ShardSpecError(
+            f"shard prefix {spec} " + ("holds no .tar objects" if fs.exists(path) else "does not exist")
+        )
+    return [fs.unstrip_protocol(name) for name in names]
+
+
 def _expand_one(spec: str) -> list[str]:
+    if spec.startswith(OBJECT_STORES):
+        if spec.endswith("/"):
+            return _object_store_prefix(spec)
+        _object_store(spec)
     if spec.startswith(REMOTE_PREFIXES):
         return list(braceexpand.braceexpand(spec))
     path = Path(spec)
