@@ -343,6 +343,37 @@ def test_audio_formats_decode_to_fbank(fmt):
     assert fbank.shape[1] == 80 and 95 <= fbank.shape[0] <= 101 and torch.isfinite(fbank).all()
 
 
+def test_the_filterbank_equals_torchaudios_kaldi_fbank():
+    """The decoder's own log-mel (window and mel matrix built once) against kaldi.fbank at the same settings, on
+    speech-like, tonal, silent and shortest inputs, at two sample rates."""
+    import torchaudio
+
+    from opt_ds.data.decode import KaldiFbank
+
+    generator = torch.Generator().manual_seed(0)
+    for rate, n_mels in ((16_000, 80), (8_000, 40)):
+        fbank = KaldiFbank(rate, n_mels)
+        t = torch.arange(rate * 3) / rate
+        for wave in (
+            0.1 * torch.randn(rate * 3, generator=generator),
+            0.3 * torch.sin(2 * torch.pi * 440 * t) * torch.sin(2 * torch.pi * 3 * t),
+            torch.zeros(rate),
+            torch.randn(rate * 25 // 1000, generator=generator),
+        ):
+            reference = torchaudio.compliance.kaldi.fbank(
+                wave.unsqueeze(0),
+                num_mel_bins=n_mels,
+                sample_frequency=rate,
+                frame_length=25.0,
+                frame_shift=10.0,
+                dither=0.0,
+                htk_compat=True,
+                window_type="hanning",
+            )
+            assert fbank(wave).shape == reference.shape
+            torch.testing.assert_close(fbank(wave), reference, atol=1e-4, rtol=1e-5)
+
+
 def test_audio_is_cut_to_max_seconds():
     decoder = SampleDecoder(DecodeConfig(max_audio_seconds=0.5))
     assert decoder.audio(audio_bytes("flac", seconds=3.0)).shape[0] <= 50
