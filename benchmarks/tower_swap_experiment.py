@@ -30,6 +30,7 @@ from torch import nn
 
 from opt_ds.bench.learning import synthetic_image_text
 from opt_ds.bench.open_clip_peer import OPEN_CLIP_VOCAB, PEER_MODEL, ensure_open_clip, peer_model_config
+from opt_ds.data.batch import normalised_images
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.evaluate.scoring import recall_at, same_caption
 from opt_ds.model.config import load_model_config
@@ -155,7 +156,7 @@ def load_data(train: Path, eval_shards: Path) -> dict:
         )
         clip_ids = clip_tokenizer(captions)
         data |= {
-            f"{prefix}images": torch.stack([decoder.image(jpg) for jpg, _ in pairs]),
+            f"{prefix}images": normalised_images(torch.stack([decoder.image(jpg) for jpg, _ in pairs])),
             f"{prefix}captions": captions,
             f"{prefix}bert_text": (bert["input_ids"], bert["attention_mask"].bool()),
             f"{prefix}open_clip_text": (clip_ids, clip_ids != 0),

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from helpers import run_module
+from opt_ds.data.batch import normalised_images
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
@@ -381,8 +382,10 @@ def test_audio_is_cut_to_max_seconds():
 
 def test_image_resize_crop_normalise():
     decoder = SampleDecoder(DecodeConfig(image_size=32))
-    image = decoder.image(image_bytes((120, 60)))
-    assert image.shape == (3, 32, 32) and image[0].mean() > 1.0  # red channel well above the mean after normalising
+    image = decoder.image(image_bytes((120, 60)))  # a red picture, twice as wide as high
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and image[0].float().mean() > 150
+    normalised = normalised_images(image[None])
+    assert normalised.dtype == torch.float32 and normalised[0, 0].mean() > 1.0  # red well above the mean
 
 
 # --- the reader ----------------------------------------------------------------------------------

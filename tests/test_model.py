@@ -297,6 +297,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_vqvae_reconstruction_improves_on_synthetic_images(synthetic_shards):
+    from opt_ds.data.batch import normalised_images
     from opt_ds.data.decode import DecodeConfig
     from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 
@@ -309,7 +310,7 @@ def test_vqvae_reconstruction_improves_on_synthetic_images(synthetic_shards):
     )
     losses, used = [], []
     for step, batch in zip(range(150), loader):
-        loss, metrics = vq(batch["image"])
+        loss, metrics = vq(normalised_images(batch["image"]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -317,5 +318,5 @@ def test_vqvae_reconstruction_improves_on_synthetic_images(synthetic_shards):
         used.append(float(metrics["codes_used"]))
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
     assert min(used[-10:]) > 2 * used[0]  # dead-code restarts bring codes into use (simple images need few)
-    codes = vq.eval().encode(batch["image"])
+    codes = vq.eval().encode(normalised_images(batch["image"]))
     assert codes.shape == (16, cfg.grid**2) and vq.decode(codes).shape == batch["image"].shape

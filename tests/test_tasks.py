@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from helpers import join_gloo_group, spawn_gloo_ranks
 from opt_ds.bench.plain import task_trend, train_plain
+from opt_ds.data.batch import to_device
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, load_model_config
@@ -55,7 +56,7 @@ def setup(synthetic_shards, request):
         DecodeConfig(max_audio_seconds=2.0, **rewrites),
         ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0),
     )
-    return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), next(iter(loader))
+    return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), to_device(next(iter(loader)), torch.device("cpu"), torch.float32)
 
 
 def ctx_for(vq, step=0, isolate=False):

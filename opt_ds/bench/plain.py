@@ -43,7 +43,8 @@ def train_plain(
 ) -> list[dict]:
     """-> one record per step: step, task metrics, seconds (the step alone, not the wait for its batch).
 
-    Gradients are clipped to norm 1, as `opt_ds.train` does; the model's device decides where it runs."""
+    Gradients are clipped to norm 1, as `opt_ds.train` does; the model's device decides where it runs, and the
+    batches move there."""
     tasks = build_tasks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     device = next(model.parameters()).device
@@ -51,7 +52,7 @@ def train_plain(
     history = []
     iterator = iter(batches)
     for step in range(steps):
-        batch = next(iterator)
+        batch = to_device(next(iterator), device, torch.float32)
         start = time.perf_counter()
         _, stage = scheduler.stage(step)
         ctx = TaskContext(step_generator(seed, step, 0), image_tokenizer, stage.isolate)
@@ -73,7 +74,7 @@ def step_times(model_name: str, batch: dict, steps: int, warmup: int) -> list[fl
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_model_config(model_name)
     model, vq = OPTModel(cfg).to(device), VQVAE(cfg.vq).to(device).eval()
-    on_device = to_device(batch, device, torch.float32)
+    on_device = to_device(batch, device, torch.float32)  # once: the steps time the model, not the copy
     history = train_plain(model, itertools.repeat(on_device), EVERY_TASK, warmup + steps, lr=1e-4, image_tokenizer=vq)
     return [h["seconds"] for h in history[warmup:]]
 

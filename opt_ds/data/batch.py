@@ -5,14 +5,33 @@ from __future__ import annotations
 
 import torch
 
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the model's input statistics (CLIP's)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE_MEAN and IMAGE_STD as [3, 1, 1] tensors on `device`."""
+    return torch.tensor(IMAGE_MEAN, device=device)[:, None, None], torch.tensor(IMAGE_STD, device=device)[:, None, None]
+
+
+def normalised_images(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [B, 3, H, W] (as the loader delivers them) -> the model's normalised input, on their device.
+    Batches travel as bytes: a quarter of the float image's copy from worker to trainer and to the device, and
+    no per-pixel float work in the loader workers."""
+    mean, std = image_statistics(pixels.device)
+    return ((pixels.float() / 255 - mean) / std).to(dtype)
+
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the device; floating ones to the compute dtype (DeepSpeed does not cast inputs)."""
+    """Tensors to the device; floating ones to the compute dtype (DeepSpeed does not cast inputs); uint8 images
+    normalised there."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
+            if key == "image" and value.dtype == torch.uint8:
+                value = normalised_images(value, dtype)
+            elif value.is_floating_point():
                 value = value.to(dtype)
         out[key] = value
     return out

@@ -51,7 +51,7 @@ def rewrite_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
 def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     """Every modality tensor is always present (zeros where absent): ranks must run the same graph.
 
-    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S], has_image [B], audio [B,T,M],
+    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S] uint8, has_image [B], audio [B,T,M],
     audio_mask [B,T],
     has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' keys. Masks are True on
     real tokens.
@@ -59,7 +59,7 @@ def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     batch_size = len(samples)
     size = cfg.image_size
     has_image = torch.tensor(["image" in s for s in samples])
-    image = torch.zeros(batch_size, 3, size, size)
+    image = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
     for i, s in enumerate(samples):
         if "image" in s:
             image[i] = s["image"]

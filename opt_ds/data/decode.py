@@ -21,8 +21,6 @@ from opt_ds.data.tars import UnreadMember
 from opt_ds.data.tokenizer import load_tokenizer
 
 Parsed = TypeVar("Parsed")
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # Audio at these rates only: resampling from an odd rate (say 12503 Hz) builds a kernel sized by the rates'
 # greatest common divisor, gigabytes for one clip. Every common recording rate is here.
 SAMPLE_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000, 88_200, 96_000)
@@ -96,13 +94,12 @@ class SampleDecoder:
             [
                 T.Resize(cfg.image_size, antialias=True),
                 T.CenterCrop(cfg.image_size),
-                T.ToImage(),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(IMAGE_MEAN, IMAGE_STD),
+                T.PILToTensor(),  # uint8: normalised on the device (opt_ds.data.batch.normalised_images)
             ]
         )
 
     def image(self, data: bytes) -> torch.Tensor:
+        """uint8 RGB [3, S, S]: resized (short side) and centre-cropped."""
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             width, height = img.size
             if width * height > self.cfg.max_image_pixels:

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from opt_ds.data.batch import take_rows, to_device
-from opt_ds.data.decode import IMAGE_MEAN, IMAGE_STD
+from opt_ds.data.batch import image_statistics, normalised_images, take_rows, to_device
 from opt_ds.data.synthetic import drawn_colour, named_attributes
 from opt_ds.evaluate.retrieval import embed
 from opt_ds.evaluate.scoring import caption_scores, recall_at, same_caption, word_error_rate
@@ -124,25 +123,20 @@ def images_from_text(
     return denormalise(image_tokenizer.decode(codes.to(next(image_tokenizer.parameters()).device)))
 
 
-def _image_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.tensor(IMAGE_MEAN, device=device)[:, None, None],
-        torch.tensor(IMAGE_STD, device=device)[:, None, None],
-    )
-
-
 def denormalise(images: torch.Tensor) -> torch.Tensor:
-    mean, std = _image_stats(images.device)
+    """The model's normalised images (a VQ decoder's output) -> pixels in [0, 1]."""
+    mean, std = image_statistics(images.device)
     return (images.float() * std + mean).clamp(0, 1)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    mean, std = _image_stats(images.device)
-    return (images - mean) / std
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> uint8 pixels, as the loader delivers pictures."""
+    return (images.clamp(0, 1) * 255).round().byte()
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    return list((images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    """[0, 1] images -> HWC uint8 arrays (for drawing and colour checks)."""
+    return list(to_pixels(images.float()).permute(0, 2, 3, 1).cpu().numpy())
 
 
 def attribute_share(generated: list[str], references: list[str], attributes: tuple[str, ...]) -> float | None:
@@ -213,13 +207,13 @@ def image_generation_evaluation(
     if not chosen:
         return {}, torch.empty(0), torch.empty(0)
     generated = torch.cat([images_from_text(call, b, device, dtype, image_tokenizer, decoding).cpu() for b in chosen])
-    real = torch.cat([denormalise(b["image"]) for b in chosen])
+    real = torch.cat([b["image"].float() / 255 for b in chosen])
     captions = [c for b in chosen for c in b["captions"]]
     generated_emb, start = [], 0
     for b in chosen:
         size = len(b["keys"])
         pictures = F.interpolate(generated[start : start + size], size=b["image"].shape[-2:], mode="bilinear")
-        generated_emb.append(embed(call, b | {"image": normalise(pictures)}, device, dtype)[0]["image"].float().cpu())
+        generated_emb.append(embed(call, b | {"image": to_pixels(pictures)}, device, dtype)[0]["image"].float().cpu())
         start += size
     rows = first_rows(has, ("text", "image"), limit)
     text_emb = emb["text"][rows]
@@ -228,10 +222,14 @@ def image_generation_evaluation(
     for prefix, image_emb in (("", torch.cat(generated_emb)), ("real_", emb["image"][rows])):
         for k, recall in recall_at(image_emb @ text_emb.t(), correct, (1, 5)).items():
             scores[f"eval/images_from_text/{prefix}R@{k}"] = recall
-    tokenizer_device = next(image_tokenizer.parameters()).device
+    weights = next(image_tokenizer.parameters())
     reconstructed = torch.cat(
         [
-            denormalise(image_tokenizer.decode(image_tokenizer.encode(b["image"].to(tokenizer_device)))).cpu()
+            denormalise(
+                image_tokenizer.decode(
+                    image_tokenizer.encode(normalised_images(b["image"].to(weights.device), weights.dtype))
+                )
+            ).cpu()
             for b in chosen
         ]
     )  # the best the image tokenizer lets a generator draw

@@ -15,7 +15,7 @@ from torch import nn
 
 from opt_ds.config.experiment import RANDOM_IMAGE_TOKENIZER, STAGES, ExperimentConfig
 from opt_ds.config.fields import ConfigError
-from opt_ds.data.batch import to_device
+from opt_ds.data.batch import normalised_images, to_device
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
@@ -99,7 +99,7 @@ class TokenizerStep:
     def __call__(
         self, engine, batch: dict, step: int, plan: list[tuple[str, float]], device, dtype
     ) -> tuple[torch.Tensor, dict, float]:
-        loss, metrics = engine(batch["image"].to(device, dtype))
+        loss, metrics = engine(normalised_images(batch["image"].to(device), dtype))
         return loss, {f"vqvae/{k}": float(v) for k, v in metrics.items()} | {"vqvae/loss": float(loss.detach())}, 0.0
 
 
