@@ -78,11 +78,21 @@ def test_loader_bench_compares_capacity_with_consumption():
             "1",
             "--batch-per-rank",
             "4",
+            "--decode-image-sizes",
+            "256,1024",
+            "--decode-samples",
+            "48",
             "--json",
             timeout=900,
         ).stdout
     )
     assert set(report["loader_samples_per_s"]) == {"0", "1"}
+    small, large = report["decode"]["256"], report["decode"]["1024"]
+    assert 8 < small["jpeg_kb"] < large["jpeg_kb"]  # photo-like detail, not a flat drawing's few KB
+    for size in (small, large):
+        steps = size["steps_ms"]
+        assert size["worker_samples_per_s"] > 0 and steps["whole_sample"] > steps["log_mel"] > 0
+    assert large["steps_ms"]["jpeg_draft_decode"] < large["steps_ms"]["jpeg_full_decode"]  # decoded at 1/4 scale
     for w, capacity in report["loader_samples_per_s"].items():
         assert capacity > 0 and report["headroom"][w] == pytest.approx(
             capacity / report["train_samples_per_s_per_rank"]
