@@ -128,25 +128,95 @@ def test_a_resumed_remote_stream_continues_the_local_streams_exact_batch_order(s
     assert head + take(second, 23) == reference
 
 
-def test_missing_s3_objects_are_counted_and_an_unreachable_store_is_an_error_naming_them(s3_shards, monkeypatch):
+@contextlib.contextmanager
+def s3_endpoint(monkeypatch, url: str):
+    """The suite's S3 endpoint replaced by `url` for this process's readers (num_workers=0)."""
     import s3fs
 
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_missing_s3_objects_are_counted_and_an_unreachable_store_is_an_error_naming_them(s3_shards, monkeypatch):
     stream = loader(f"{s3_shards}shard-{{000004..000007}}.tar", max_epochs=1)  # 6 and 7 are not there
     assert sorted(keys_of(stream)) == ALL_KEYS[40:]
     assert stream.skip_counts() == {"tar_error": 2}
 
-    with refused_port() as port:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            with pytest.raises(ShardSpecError, match=r"cannot list s3://shards/triplets/: EndpointConnectionError"):
-                expand_shards(s3_shards)
+    with refused_port() as port, s3_endpoint(monkeypatch, f"http://127.0.0.1:{port}"):
+        with pytest.raises(ShardSpecError, match=r"cannot list s3://shards/triplets/: EndpointConnectionError"):
+            expand_shards(s3_shards)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"2 of its shards could not be read \(first: s3://shards/"):
+            next(iter(loader(f"{s3_shards}shard-{{000000..000001}}.tar")))
+        assert time.monotonic() - started < 120
+
+
+class CuttingProxy:
+    """A TCP relay to the S3 server that drops the connection 20 KB into every response to a GET of `cut`."""
+
+    def __init__(self, upstream: int, cut: str):
+        self.upstream, self.cut = upstream, cut.encode()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            cutting = threading.Event()
+            threading.Thread(target=self._requests, args=(client, server, cutting), daemon=True).start()
+            threading.Thread(target=self._responses, args=(server, client, cutting), daemon=True).start()
+
+    def _requests(self, client: socket.socket, server: socket.socket, cutting: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if data.startswith(b"GET ") and self.cut in data.split(b"\r\n", 1)[0]:
+                    cutting.set()
+                server.sendall(data)
+
+    def _responses(self, server: socket.socket, client: socket.socket, cutting: threading.Event) -> None:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if cutting.is_set():
+                    client.sendall(data[: max(0, 20_000 - sent)])
+                    sent += len(data)
+                    if sent >= 20_000:
+                        break
+                else:
+                    client.sendall(data)
+        for end in (client, server):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_s3_server_that_drops_the_connection_mid_shard_costs_that_shard_only(s3_shards, monkeypatch):
+    """Every response to a GET of shard 2 is cut 20 KB in (of ~370 KB): s3fs and botocore retry, then the shard
+    is counted and skipped, and the other shards are read whole."""
+    proxy = CuttingProxy(S3_PORT, "shard-000002.tar")
+    try:
+        with s3_endpoint(monkeypatch, f"http://127.0.0.1:{proxy.port}"):
             started = time.monotonic()
-            with pytest.raises(RuntimeError, match=r"2 of its shards could not be read \(first: s3://shards/"):
-                next(iter(loader(f"{s3_shards}shard-{{000000..000001}}.tar")))
+            stream = loader(f"{s3_shards}shard-{{000000..000005}}.tar", max_epochs=1)
+            keys = keys_of(stream)
             assert time.monotonic() - started < 120
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        proxy.close()
+    assert set(ALL_KEYS) - set(keys) <= set(ALL_KEYS[20:30]) and set(ALL_KEYS[:20] + ALL_KEYS[30:]) <= set(keys)
+    assert stream.skip_counts()["tar_error"] == 1
 
 
 @pytest.mark.slow  # waits out a stalled shard three times (curl's retries)
