@@ -304,6 +304,53 @@ def test_stamps_corpus_pairs_each_drawing_with_its_description_spoken(tmp_path):
     assert Image.open(io.BytesIO(members["food_pear.jpg"])).getpixel((64, 64))[1] > 100  # the SVG, rasterised
 
 
+def test_concepts_are_mined_by_caption_count_and_annotated_without_overlap(synthetic_shards, tmp_path):
+    """MVP's concepts from the synthetic captions: every phrase kept is held by >= --min-count captions (counted
+    here independently), none begins or ends with a function word; annotated copies keep every member and add
+    each caption's concepts, longest first and not overlapping; an unreadable caption is counted."""
+    from opt_ds.data.concepts import FUNCTION_WORDS, concepts_in, words
+
+    shutil.copytree(synthetic_shards, tmp_path / "shards")
+    write_tar(tmp_path / "shards" / "shard-000099.tar", [("bad.txt", b"\xff\xfe not utf-8"), ("bad.cls", b"3")])
+    proc = run_module(
+        "opt_ds.data.concepts", str(tmp_path / "shards"), "--min-count", "5", "--annotate", str(tmp_path / "out")
+    )
+    assert "bad_caption: 1" in proc.stdout.splitlines()[-1]
+    mined = json.loads((tmp_path / "shards" / "concepts.json").read_text())
+    vocabulary = mined["concepts"]
+    assert mined["captions"] == 60 and {"picture", "one", "red"} <= set(vocabulary) and "picture of" not in vocabulary
+    original = {}
+    for shard in sorted((tmp_path / "shards").glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            original |= {m.name: tar.extractfile(m).read() for m in tar}
+    captions = [" ".join(words(v.decode())) for k, v in original.items() if k.endswith(".txt") and k != "bad.txt"]
+    for phrase, count in vocabulary.items():
+        first, last = phrase.split()[0], phrase.split()[-1]
+        assert first not in FUNCTION_WORDS and last not in FUNCTION_WORDS
+        assert count == sum(f" {phrase} " in f" {c} " for c in captions) >= 5, phrase
+
+    annotated = {}
+    for shard in sorted((tmp_path / "out").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            annotated |= {m.name: tar.extractfile(m).read() for m in tar}
+    assert {k for k in annotated if not k.endswith(".json")} == {k for k in original if not k.endswith(".json")}
+    assert json.loads(annotated["bad.json"]) == {}  # its caption unreadable: kept, with no concepts
+    for name, data in original.items():
+        if name.endswith(".json"):
+            meta, before = json.loads(annotated[name]), json.loads(data)
+            caption = " ".join(words(original[name.replace(".json", ".txt")].decode()))
+            assert all(f" {c} " in f" {caption} " for c in before.pop("concepts"))  # the builder's, replaced
+            assert len(before["tags"]) == 2  # the picture's shape and colour
+            assert meta.pop("concepts") == concepts_in(caption, set(vocabulary), 3) and meta == before
+        else:
+            assert annotated[name] == data
+    assert concepts_in("two red circle near a red", {"red circle", "circle", "red", "two"}, 3) == [
+        "red circle",
+        "two",
+        "red",
+    ]
+
+
 # --- shard specs ---------------------------------------------------------------------------------
 
 

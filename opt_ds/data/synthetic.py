@@ -2,9 +2,10 @@
 
 A sample is "<count> <colour> <shape>s": the picture draws them on a grey field; the sound plays
 <count> beeps, then a tone whose pitch names the colour, then a two-tone chord that names the shape.
-Its KEY.json carries its class (`label`, `label_name`) and caption rewrites for UNIMO's contrastive task: a
-paraphrase and hard negatives. `named_attributes` and `drawn_colour` read the attributes back from any caption
-or picture, so generated ones can be scored without a person.
+Its KEY.json carries its class (`label`, `label_name`), caption rewrites for UNIMO's contrastive task (a
+paraphrase and hard negatives) and MVP's concepts: the caption's phrases (`concepts`: "red circles", "two") and
+the picture's object tags (`tags`: "circle", "red"). `named_attributes` and `drawn_colour` read the
+attributes back from any caption or picture, so generated ones can be scored without a person.
 """
 
 from __future__ import annotations
@@ -125,9 +126,12 @@ def synthetic_sample(
         "label": label,
         "label_name": describe(count, colour, shape, 0),
     }
+    if "image" in modalities:
+        meta["tags"] = [shape, colour]  # MVP's visual concepts: what an object tagger would name
     if "text" in modalities:
         template = rng.randrange(len(TEMPLATES))
         sample["txt"] = describe(count, colour, shape, template).encode()
+        meta["concepts"] = [describe(count, colour, shape, 0).split(" ", 1)[1], COUNTS[count - 1]]  # the caption's
         meta |= rewrites(count, colour, shape, template, random.Random(f"rewrites-{seed}-{index}"))
     sample["json"] = json.dumps(meta).encode()
     return sample
