@@ -47,10 +47,11 @@ def run_opt_ds(
     samples: int,
     image_tokenizer: str | None,
     seed: int,
+    overrides: list[str],
     ranks: int = 2,
 ) -> dict:
     """A real `opt_ds.train` run (ZeRO-3 bf16, `ranks` ranks), exported and scored by `opt_ds.evaluate`; `seed`
-    sets the initial weights, the task draws and the data order."""
+    sets the initial weights, the task draws and the data order; `overrides` are `--set KEY=VALUE` of the run."""
     from opt_ds.evaluate.generation import Decoding
     from opt_ds.evaluate.suite import evaluate
 
@@ -69,7 +70,10 @@ def run_opt_ds(
     run = f"{name}_seed{seed}"
     config_path, run_dir = workdir / f"{run}.yaml", workdir / run
     config_path.write_text(yaml.safe_dump(config))
-    cmd = local_training_command(ranks, "--config", str(config_path), "--output", str(run_dir), "--resume", "none")
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    cmd = local_training_command(
+        ranks, "--config", str(config_path), "--output", str(run_dir), "--resume", "none", *sets
+    )
     started = time.perf_counter()
     with (workdir / f"{run}_train.log").open("w") as log:
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -110,9 +114,10 @@ def learning_report(
     image_tokenizer: str | None,
     runs: list[str],
     seeds: list[int],
+    overrides: list[str],
 ) -> dict:
     """The runs side by side, each once per seed (rows: run -> one score dict per seed); synthetic image+text
-    shards (open_clip's modalities) are built when none are given."""
+    shards (open_clip's modalities) are built when none are given; `overrides` apply to the opt_ds runs."""
     if "full" in runs and image_tokenizer is None:
         raise ValueError("bench learning: the full run needs --image-tokenizer (an exported VQ-VAE, e.g. the demo's)")
     workdir = workdir.resolve()  # open_clip runs inside it: paths given relative to here must still resolve
@@ -134,10 +139,23 @@ def learning_report(
         if run == "open_clip":
             return run_open_clip(workdir, train, eval_shards, steps, batch, optim, samples, seed)
         if run == "contrastive":
-            return run_opt_ds(workdir, run, train, eval_shards, contrastive, steps, batch, optim, samples, None, seed)
+            return run_opt_ds(
+                workdir, run, train, eval_shards, contrastive, steps, batch, optim, samples, None, seed, overrides
+            )
         full_optim = optim | {"lr_scale": DEMO_CONFIG["optim"].get("lr_scale", {})}  # the demo's decoder rates
         return run_opt_ds(
-            workdir, run, train, eval_shards, FULL_SCHEDULE, steps, batch, full_optim, samples, image_tokenizer, seed
+            workdir,
+            run,
+            train,
+            eval_shards,
+            FULL_SCHEDULE,
+            steps,
+            batch,
+            full_optim,
+            samples,
+            image_tokenizer,
+            seed,
+            overrides,
         )
 
     rows = {ROW_NAMES[run]: [one_run(run, seed) | {"seed": seed} for seed in seeds] for run in runs}
@@ -149,6 +167,7 @@ def learning_report(
         "optim": optim,
         "full_schedule": FULL_SCHEDULE,
         "seeds": seeds,
+        "overrides": overrides,
         "rows": rows,
     }
 
@@ -159,7 +178,8 @@ def learning_table(report: dict) -> str:
     lines = [
         f"{report['steps']} steps, global batch {report['global_batch']}, {first['samples']} held-out samples, "
         f"seeds {report['seeds']}; a duplicate caption counts as correct, a tie as a miss; "
-        "R@1 as mean (lowest-highest)",
+        "R@1 as mean (lowest-highest)"
+        + (f"; opt_ds runs with {', '.join(report['overrides'])}" if report.get("overrides") else ""),
         "",
         "| run | text->image R@1 / R@5 / R@10 | image->text R@1 / R@5 / R@10 | captions from image: BLEU-4 / "
         "CIDEr / colour+shape | images from text: R@1 / colour | training s |",
@@ -201,6 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0", help="comma list: each run once per seed (weights, data order)")
     parser.add_argument("--image-tokenizer", default=None, help="an exported VQ-VAE for the full run (e.g. the demo's)")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".cache" / "bench_learning")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the opt_ds runs (repeatable)"
+    )
 
 
 KIND = Kind(
@@ -217,6 +240,7 @@ KIND = Kind(
         a.image_tokenizer,
         a.runs.split(","),
         comma_ints(a.seeds),
+        a.set,
     ),
     learning_table,
     measures_a_config=False,
