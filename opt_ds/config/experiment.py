@@ -72,6 +72,9 @@ class RunConfig:
     keep_last: int = 3
     seed: int = 0
     gradient_accumulation: int = 1
+    # clip the global gradient norm (0: off). At 1.0 it acts on most steps yet retrieval is level with no clipping
+    # on synthetic and real data (AdamW's update is nearly scale-free; BENCHMARKS.md, "Gradient clipping: the
+    # default measured"), and a bad step the divergence guard lets through stays bounded
     grad_clip: float = 1.0
     generations: int = 4  # of the generated captions and images, those logged to TensorBoard per evaluation
     log_sample_keys: bool = False  # write the keys of every consumed sample to logs/keys_rank*.jsonl
