@@ -1,6 +1,6 @@
-"""What one loader worker delivers against what its decode steps cost: samples of a `--image-size` px JPEG (with
-a photograph's detail), 10 s of 16 kHz FLAC and a caption, decoded to the model's inputs (224 px, 80-bin log-mel,
-WordPiece ids), for `bench loader`."""
+"""What one loader worker delivers against what its decode steps cost, for `bench loader --decode-image-sizes`:
+samples of a JPEG of each size (with a photograph's detail), 10 s of 16 kHz FLAC and a caption, decoded to the
+model's inputs (224 px, 80-bin log-mel, WordPiece ids)."""
 
 from __future__ import annotations
 
