@@ -307,18 +307,19 @@ def test_stamps_corpus_pairs_each_drawing_with_its_description_spoken(tmp_path):
 def test_concepts_are_mined_by_caption_count_and_annotated_without_overlap(synthetic_shards, tmp_path):
     """MVP's concepts from the synthetic captions: every phrase kept is held by >= --min-count captions (counted
     here independently), none begins or ends with a function word; annotated copies keep every member and add
-    each caption's concepts, longest first and not overlapping; an unreadable caption is counted."""
+    each caption's concepts, longest first and not overlapping; an unreadable caption or KEY.json is counted."""
     from opt_ds.data.concepts import FUNCTION_WORDS, concepts_in, words
 
     shutil.copytree(synthetic_shards, tmp_path / "shards")
-    write_tar(tmp_path / "shards" / "shard-000099.tar", [("bad.txt", b"\xff\xfe not utf-8"), ("bad.cls", b"3")])
+    bad = [("bad.txt", b"\xff\xfe not utf-8"), ("bad.cls", b"3"), ("badjson.txt", b"one red circle")]
+    write_tar(tmp_path / "shards" / "shard-000099.tar", [*bad, ("badjson.json", b"{not json")])
     proc = run_module(
         "opt_ds.data.concepts", str(tmp_path / "shards"), "--min-count", "5", "--annotate", str(tmp_path / "out")
     )
-    assert "bad_caption: 1" in proc.stdout.splitlines()[-1]
+    assert "bad_caption: 1, bad_json: 1" in proc.stdout.splitlines()[-1]
     mined = json.loads((tmp_path / "shards" / "concepts.json").read_text())
     vocabulary = mined["concepts"]
-    assert mined["captions"] == 60 and {"picture", "one", "red"} <= set(vocabulary) and "picture of" not in vocabulary
+    assert mined["captions"] == 61 and {"picture", "one", "red"} <= set(vocabulary) and "picture of" not in vocabulary
     original = {}
     for shard in sorted((tmp_path / "shards").glob("shard-*.tar")):
         with tarfile.open(shard) as tar:
@@ -335,7 +336,10 @@ def test_concepts_are_mined_by_caption_count_and_annotated_without_overlap(synth
             annotated |= {m.name: tar.extractfile(m).read() for m in tar}
     assert {k for k in annotated if not k.endswith(".json")} == {k for k in original if not k.endswith(".json")}
     assert json.loads(annotated["bad.json"]) == {}  # its caption unreadable: kept, with no concepts
+    assert json.loads(annotated["badjson.json"]) == {"concepts": concepts_in("one red circle", set(vocabulary), 3)}
     for name, data in original.items():
+        if name == "badjson.json":  # checked above
+            continue
         if name.endswith(".json"):
             meta, before = json.loads(annotated[name]), json.loads(data)
             caption = " ".join(words(original[name.replace(".json", ".txt")].decode()))

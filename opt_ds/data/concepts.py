@@ -100,10 +100,12 @@ def caption_of(sample: dict, problems: Counter[str]) -> str | None:
 
 
 def annotate(shards: list[str], vocabulary: set[str], max_words: int, out: Path, problems: Counter[str]) -> str:
-    """Copy the shards to `out`, each sample's KEY.json with its `concepts`; -> the writer's summary."""
+    """Copy the shards to `out`, each sample's KEY.json with its `concepts`; -> the writer's summary. An unreadable
+    KEY.json is counted into `problems` (unreadable shards and captions were counted when mining)."""
     sink = ShardSink(out)
-    for sample in tqdm(read_samples(shards, problems), desc="annotate", unit="sample", disable=None):
-        caption = caption_of(sample, problems)
+    counted_already: Counter[str] = Counter()
+    for sample in tqdm(read_samples(shards, counted_already), desc="annotate", unit="sample", disable=None):
+        caption = caption_of(sample, counted_already)
         try:
             meta = key_json(sample)
         except ValueError:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(header | {"concepts": dict(vocabulary.most_common())}, indent=1) + "\n")
     summary = f"{len(vocabulary)} concepts from {read} captions to {out}"
     if args.annotate is not None:
-        summary += "; " + annotate(shards, set(vocabulary), args.max_words, args.annotate, Counter())
+        summary += "; " + annotate(shards, set(vocabulary), args.max_words, args.annotate, problems)
     print(f"{summary}; unreadable: {', '.join(f'{k}: {v}' for k, v in sorted(problems.items())) or 'none'}")
     return 0
 
