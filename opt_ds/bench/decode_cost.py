@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 from PIL import Image
 
@@ -60,24 +59,18 @@ def _ms_per_call(fn, inputs: list, rounds: int = 3) -> float:
 
 
 def step_costs(raw: list[dict], batch_size: int) -> dict[str, float]:
-    """Milliseconds per sample of each decode step on its own, one thread as in a worker."""
+    """Milliseconds per sample of each of the decoder's steps on its own, one thread as in a worker."""
     decoder = SampleDecoder(DECODE)
     jpegs, flacs, captions = [s["jpg"] for s in raw], [s["flac"] for s in raw], [s["txt"].decode() for s in raw]
-
-    def drafted(data: bytes) -> Image.Image:
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (DECODE.image_size, DECODE.image_size))
-        return img.convert("RGB")
-
-    pictures = [drafted(j) for j in jpegs]
-    waves = [torch.from_numpy(soundfile.read(io.BytesIO(f), dtype="float32")[0]) for f in flacs]
+    pictures = [decoder.picture(j) for j in jpegs]
+    waves = [decoder.waveform(f) for f in flacs]
     decoded = [decoder({**s, "__key__": str(i)})[0] for i, s in enumerate(raw)]
     batches = [decoded[i : i + batch_size] for i in range(0, len(decoded) - batch_size + 1, batch_size)]
     return {
         "jpeg_full_decode": _ms_per_call(lambda j: Image.open(io.BytesIO(j)).convert("RGB"), jpegs),
-        "jpeg_draft_decode": _ms_per_call(drafted, jpegs),
+        "jpeg_draft_decode": _ms_per_call(decoder.picture, jpegs),
         "resize_crop": _ms_per_call(decoder.image_transform, pictures),
-        "flac_read": _ms_per_call(lambda f: soundfile.read(io.BytesIO(f), dtype="float32"), flacs),
+        "flac_read": _ms_per_call(decoder.waveform, flacs),
         "log_mel": _ms_per_call(decoder.fbank, waves),
         "tokenise": _ms_per_call(decoder.text, captions),
         "collate": _ms_per_call(lambda b: collate(b, DECODE), batches) / batch_size,

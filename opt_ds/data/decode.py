@@ -98,17 +98,22 @@ class SampleDecoder:
             ]
         )
 
-    def image(self, data: bytes) -> torch.Tensor:
-        """uint8 RGB [3, S, S]: resized (short side) and centre-cropped."""
+    def picture(self, data: bytes) -> Image.Image:
+        """The decoded RGB picture, its pixel count checked first; a JPEG is decoded at the smallest DCT scale that
+        still covers image_size."""
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             width, height = img.size
             if width * height > self.cfg.max_image_pixels:
                 raise OversizeError(f"{width}x{height} pixels > {self.cfg.max_image_pixels}")
-            img.draft("RGB", (self.cfg.image_size, self.cfg.image_size))  # JPEG: decode at reduced scale
-            return self.image_transform(img.convert("RGB"))
+            img.draft("RGB", (self.cfg.image_size, self.cfg.image_size))
+            return img.convert("RGB")
 
-    def audio(self, data: bytes) -> torch.Tensor:
-        """Mono 16 kHz waveform (first max_audio_seconds) -> normalised log-mel frames [T, n_mels]."""
+    def image(self, data: bytes) -> torch.Tensor:
+        """uint8 RGB [3, S, S]: resized (short side) and centre-cropped."""
+        return self.image_transform(self.picture(data))
+
+    def waveform(self, data: bytes) -> torch.Tensor:
+        """Mono waveform at sample_rate, its first max_audio_seconds."""
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
             if rate not in SAMPLE_RATES:
@@ -122,7 +127,11 @@ class SampleDecoder:
             wave = torchaudio.functional.resample(wave, rate, self.cfg.sample_rate)
         if wave.numel() < self.cfg.sample_rate // 40:  # shorter than one 25 ms window
             raise ValueError(f"audio too short: {wave.numel()} samples")
-        return (self.fbank(wave) - self.cfg.fbank_mean) / (2 * self.cfg.fbank_std)
+        return wave
+
+    def audio(self, data: bytes) -> torch.Tensor:
+        """Normalised log-mel frames [T, n_mels] of the waveform."""
+        return (self.fbank(self.waveform(data)) - self.cfg.fbank_mean) / (2 * self.cfg.fbank_std)
 
     def text(self, caption: str) -> torch.Tensor:
         """WordPiece ids, truncated; the caption is cut to CHARS_PER_TOKEN x max_text_tokens characters first, so a
