@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def main() -> int:
         fp16 = write_config(OUT / "fp16.yaml", model, data, 10, "ds_configs/zero3_fp16.json")
         step("train_fp16", [*run, "--config", str(fp16), "--output", str(OUT / "runs" / "fp16")], env)
         fp16_losses = losses(OUT / "runs" / "fp16")
-        summary["fp16_loss_finite"] = all(v == v and abs(v) != float("inf") for v in fp16_losses.values())
+        summary["fp16_loss_finite"] = all(math.isfinite(v) for v in fp16_losses.values())
 
     bench = [sys.executable, "-m", "opt_ds.bench"]
     ranks = str(max(gpus, 1))

@@ -139,23 +139,12 @@ def learning_report(
         if run == "open_clip":
             return run_open_clip(workdir, train, eval_shards, steps, batch, optim, samples, seed)
         if run == "contrastive":
-            return run_opt_ds(
-                workdir, run, train, eval_shards, contrastive, steps, batch, optim, samples, None, seed, overrides
-            )
-        full_optim = optim | {"lr_scale": DEMO_CONFIG["optim"].get("lr_scale", {})}  # the demo's decoder rates
+            schedule, run_optim, tokenizer = contrastive, optim, None
+        else:  # the demo's decoder rates
+            schedule, tokenizer = FULL_SCHEDULE, image_tokenizer
+            run_optim = optim | {"lr_scale": DEMO_CONFIG["optim"].get("lr_scale", {})}
         return run_opt_ds(
-            workdir,
-            run,
-            train,
-            eval_shards,
-            FULL_SCHEDULE,
-            steps,
-            batch,
-            full_optim,
-            samples,
-            image_tokenizer,
-            seed,
-            overrides,
+            workdir, run, train, eval_shards, schedule, steps, batch, run_optim, samples, tokenizer, seed, overrides
         )
 
     rows = {ROW_NAMES[run]: [one_run(run, seed) | {"seed": seed} for seed in seeds] for run in runs}
