@@ -33,6 +33,21 @@ def run_module(
     return proc
 
 
+def keys_of(batches) -> list[str]:
+    """The sample keys of a batch stream, in order."""
+    return [k for b in batches for k in b["keys"]]
+
+
+def take(batches, n: int) -> list[list[str]]:
+    """The keys of the first `n` batches of a stream, batch by batch."""
+    out = []
+    for batch in batches:
+        out.append(batch["keys"])
+        if len(out) == n:
+            return out
+    raise AssertionError(f"the stream ended after {len(out)} batches")
+
+
 def spawn_gloo_ranks(target, out_dir: Path, ranks: int = 2, timeout: float = 120) -> None:
     """Run target(rank, port, out_dir) in `ranks` spawned processes that share a free port; all must exit 0."""
     spawn = multiprocessing.get_context("spawn")

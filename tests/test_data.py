@@ -20,7 +20,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from helpers import run_module
+from helpers import keys_of, run_module, take
 from opt_ds.data.batch import normalised_images
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.shards import ShardSpecError, expand_shards
@@ -32,10 +32,6 @@ def read_all(shards, **reader_kw) -> tuple[list[dict], object]:
     cfg = {"batch_size": 4, "num_workers": 0, "max_epochs": 1, "shuffle_buffer": 0, **reader_kw}
     loader = make_loader([SourceConfig("s", shards)], DecodeConfig(), ReaderConfig(**cfg))
     return list(loader), loader
-
-
-def keys_of(batches) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -563,13 +559,6 @@ def test_resume_of_an_endless_stream_continues_the_exact_batch_order(synthetic_s
     """Training streams forever; resumption rotates workers so batches come in the uninterrupted order."""
     cfg = ReaderConfig(batch_size=4, num_workers=2, shuffle_buffer=8, seed=9)
     make = lambda: make_loader([SourceConfig("s", str(synthetic_shards))], DecodeConfig(), cfg)  # noqa: E731
-
-    def take(loader, n):
-        out = []
-        for batch in loader:
-            out.append(batch["keys"])
-            if len(out) == n:
-                return out
 
     reference = take(make(), 40)  # crosses epochs
     first = make()

@@ -15,7 +15,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import S3_PORT
 
-from helpers import run_module
+from helpers import keys_of, run_module, take
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
@@ -82,19 +82,6 @@ def refused_port():
 def loader(spec: str, rank: int = 0, world_size: int = 1, **reader):
     cfg = ReaderConfig(**{"batch_size": 4, "num_workers": 0, "shuffle_buffer": 0, **reader})
     return make_loader([SourceConfig("remote", spec)], DecodeConfig(), cfg, rank=rank, world_size=world_size)
-
-
-def keys_of(batches) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
-
-
-def take(batches, n: int) -> list[list[str]]:
-    out = []
-    for batch in batches:
-        out.append(batch["keys"])
-        if len(out) == n:
-            return out
-    raise AssertionError(f"the stream ended after {len(out)} batches")
 
 
 def test_an_s3_prefix_is_listed_like_a_directory_and_split_over_ranks_and_workers(s3_shards):
