@@ -316,10 +316,15 @@ def test_concepts_are_mined_by_caption_count_and_annotated_without_overlap(synth
     mined = json.loads((tmp_path / "shards" / "concepts.json").read_text())
     vocabulary = mined["concepts"]
     assert mined["captions"] == 61 and {"picture", "one", "red"} <= set(vocabulary) and "picture of" not in vocabulary
+    assert list(vocabulary.values()) == sorted(vocabulary.values(), reverse=True)  # most frequent first
     original = {}
     for shard in sorted((tmp_path / "shards").glob("shard-*.tar")):
         with tarfile.open(shard) as tar:
             original |= {m.name: tar.extractfile(m).read() for m in tar}
+    tagged = Counter(
+        t for k, v in original.items() if k.endswith(".json") and k != "badjson.json" for t in json.loads(v)["tags"]
+    )
+    assert mined["tags"] == {tag: n for tag, n in tagged.items() if n >= 5} and mined["tags"]  # the pictures' tags
     captions = [" ".join(words(v.decode())) for k, v in original.items() if k.endswith(".txt") and k != "bad.txt"]
     for phrase, count in vocabulary.items():
         first, last = phrase.split()[0], phrase.split()[-1]
@@ -349,6 +354,52 @@ def test_concepts_are_mined_by_caption_count_and_annotated_without_overlap(synth
         "two",
         "red",
     ]
+
+
+def test_concepts_and_tags_become_vocabulary_ids_in_fixed_slots_and_bad_fields_are_counted(tmp_path):
+    """A sample's KEY.json concepts (else the vocabulary's phrases its caption holds) and, with a picture, its tags
+    become ids in concepts_per_sample / tags_per_sample slots (padded with 0; words outside the vocabulary dropped);
+    a malformed field is counted and the rest of its sample kept; no vocabulary, no slots."""
+    from opt_ds.data.concepts import ConceptVocabulary
+    from opt_ds.model.config import CONCEPT_RESERVED_IDS
+
+    vocabulary_file = tmp_path / "concepts.json"
+    vocabulary_file.write_text(
+        json.dumps(
+            {"max_words": 3, "concepts": {"red circles": 9, "two": 8, "red": 7}, "tags": {"circle": 5, "red": 4}}
+        )
+    )
+    vocabulary = ConceptVocabulary.load(vocabulary_file)
+    assert vocabulary.ids == {"red circles": 2, "two": 3, "red": 4, "circle": 5}  # "red" the tag: the concept's id
+    assert vocabulary.size == 4 + CONCEPT_RESERVED_IDS
+    members = [
+        ("given.txt", b"Two red circles."),
+        ("given.jpg", image_bytes()),
+        (
+            "given.json",
+            json.dumps({"concepts": ["two", "Red  Circles", "unknown"], "tags": ["circle", "red"]}).encode(),
+        ),
+        ("mined.txt", b"two red circles and more"),
+        ("picture.jpg", image_bytes()),
+        ("picture.json", json.dumps({"tags": "red"}).encode()),
+        ("malformed.txt", b"two circles"),
+        ("malformed.jpg", image_bytes()),
+        ("malformed.json", json.dumps({"concepts": [3], "tags": {"not": "a list"}}).encode()),
+    ]
+    write_tar(tmp_path / "c-0.tar", members)
+    reader = ReaderConfig(batch_size=8, num_workers=0, max_epochs=1, shuffle_shards=False, shuffle_buffer=0)
+    decode = DecodeConfig(concepts=str(vocabulary_file), concepts_per_sample=2, tags_per_sample=3)
+    loader = make_loader([SourceConfig("s", str(tmp_path / "c-0.tar"))], decode, reader)
+    (b,) = list(loader)
+    assert b["keys"] == ["given", "mined", "picture", "malformed"]
+    assert b["concept_ids"].tolist() == [[3, 2], [2, 3], [0, 0], [0, 0]]  # mined: "red circles" before "two"
+    assert b["tag_ids"].tolist() == [[5, 4, 0], [0, 0, 0], [4, 0, 0], [0, 0, 0]]  # no picture, no tags
+    assert loader.skip_counts() == {"bad_concepts": 1, "bad_tags": 1}
+    assert b["has_text"].tolist() == [True, True, False, True] and b["has_image"][3]  # the bad sample kept
+    with pytest.raises(ValueError, match="not a concept vocabulary"):
+        ConceptVocabulary.load(tmp_path / "c-0.tar")
+    (plain,), _ = read_all(str(tmp_path / "c-0.tar"), batch_size=8)
+    assert "concept_ids" not in plain and "tag_ids" not in plain
 
 
 # --- shard specs ---------------------------------------------------------------------------------

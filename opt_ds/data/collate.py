@@ -6,6 +6,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from opt_ds.data.decode import DecodeConfig
+from opt_ds.model.config import CONCEPT_PAD
 
 MIN_AUDIO_FRAMES = 16  # the audio encoder's conv stem needs a few frames even when the batch has no audio
 MIN_TEXT_TOKENS = 2
@@ -48,13 +49,28 @@ def rewrite_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
     }
 
 
+def concept_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
+    """MVP's concepts as fixed slots (none without a vocabulary): concept_ids [B, concepts_per_sample] and tag_ids
+    [B, tags_per_sample], 0 (CONCEPT_PAD) where a sample has fewer. Widths from the config: one shape on every
+    rank."""
+    if not cfg.concepts:
+        return {}
+    out = {}
+    for key, width in (("concept_ids", cfg.concepts_per_sample), ("tag_ids", cfg.tags_per_sample)):
+        out[key] = torch.full((len(samples), width), CONCEPT_PAD, dtype=torch.long)
+        for i, s in enumerate(samples):
+            ids = s.get(key, NO_TEXT)[:width]
+            out[key][i, : len(ids)] = ids
+    return out
+
+
 def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     """Every modality tensor is always present (zeros where absent): ranks must run the same graph.
 
     Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S] uint8, has_image [B], audio [B,T,M],
     audio_mask [B,T],
-    has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' keys. Masks are True on
-    real tokens.
+    has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' and concept_slots' keys. Masks
+    are True on real tokens.
     """
     batch_size = len(samples)
     size = cfg.image_size
@@ -70,16 +86,20 @@ def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     has_text = torch.tensor(["text_ids" in s for s in samples])
     text_ids, text_mask = pad_with_mask([s.get("text_ids", NO_TEXT) for s in samples], MIN_TEXT_TOKENS)
 
-    return rewrite_slots(samples, cfg) | {
-        "keys": [s["key"] for s in samples],
-        "captions": [s.get("caption", "") for s in samples],
-        "labels": [s.get("label", "") for s in samples],
-        "image": image,
-        "has_image": has_image,
-        "audio": audio,
-        "audio_mask": audio_mask,
-        "has_audio": has_audio,
-        "text_ids": text_ids,
-        "text_mask": text_mask,
-        "has_text": has_text,
-    }
+    return (
+        rewrite_slots(samples, cfg)
+        | concept_slots(samples, cfg)
+        | {
+            "keys": [s["key"] for s in samples],
+            "captions": [s.get("caption", "") for s in samples],
+            "labels": [s.get("label", "") for s in samples],
+            "image": image,
+            "has_image": has_image,
+            "audio": audio,
+            "audio_mask": audio_mask,
+            "has_audio": has_audio,
+            "text_ids": text_ids,
+            "text_mask": text_mask,
+            "has_text": has_text,
+        }
+    )

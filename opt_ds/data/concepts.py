@@ -6,9 +6,12 @@ a word n-gram (1 to --max-words words) that neither begins nor ends with a funct
 the grass", "three"), kept when at least --min-count captions hold it; an n-gram inside a kept longer one is
 kept too (it is a concept of its own: "circle" in "red circle").
 
-The vocabulary goes to concepts.json beside the shards (--out to put it elsewhere). With --annotate DIR the
-shards are copied to DIR with `concepts` in each sample's KEY.json set to the vocabulary's phrases its caption
-holds, longest first and not overlapping. A caption that cannot be read is counted, never fatal.
+The pictures' object `tags` in KEY.json (an object tagger's labels) are counted the same way. Both go to
+concepts.json beside the shards (--out to put it elsewhere): the vocabulary `data.decode.concepts` names, which
+turns a sample's concepts and tags into the ids of the model's concept embedding (`ConceptVocabulary`). With
+--annotate DIR the shards are copied to DIR with `concepts` in each sample's KEY.json set to the vocabulary's
+phrases its caption holds, longest first and not overlapping. A caption or KEY.json that cannot be read is
+counted, never fatal.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ import json
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 from tqdm import tqdm
 
-from opt_ds.data.formats import caption_bytes, key_json
+from opt_ds.data.formats import caption_bytes, key_json, text_list
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.tars import UnreadMember, tar_samples
 from opt_ds.data.writer import ShardSink
+from opt_ds.model.config import CONCEPT_RESERVED_IDS
 
 FUNCTION_WORDS = frozenset(
     """a an the this that these those there here is are was were be been being has have had do does did of in on
@@ -64,7 +69,7 @@ def mine(captions: Iterable[str], min_count: int, max_words: int) -> tuple[Count
     return Counter({phrase: n for phrase, n in counts.items() if n >= min_count}), read
 
 
-def concepts_in(caption: str, vocabulary: set[str], max_words: int) -> list[str]:
+def concepts_in(caption: str, vocabulary: Collection[str], max_words: int) -> list[str]:
     """The vocabulary's phrases in the caption, longest first, none overlapping another (greedy, left to right
     within each length)."""
     tokens = words(caption)
@@ -77,6 +82,36 @@ def concepts_in(caption: str, vocabulary: set[str], max_words: int) -> list[str]
                 taken[i : i + n] = [True] * n
                 found.append(phrase)
     return found
+
+
+@dataclass(frozen=True)
+class ConceptVocabulary:
+    """concepts.json as embedding ids: after the reserved ids (padding, the masked concept) the caption concepts,
+    then the tags that are not also a caption concept ("red" the phrase and "red" the tag share one id, so the
+    two levels of the two modalities meet in one embedding)."""
+
+    ids: dict[str, int]
+    max_words: int
+
+    @property
+    def size(self) -> int:
+        """Rows the model's concept embedding needs (model.concept_vocab_size at least this)."""
+        return len(self.ids) + CONCEPT_RESERVED_IDS
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConceptVocabulary":
+        """Raises ValueError naming the file when it is not a concepts.json of this module."""
+        try:
+            data = json.loads(Path(path).read_text())
+            names = [*data["concepts"], *(t for t in data.get("tags", {}) if t not in data["concepts"])]
+            max_words = int(data["max_words"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a concept vocabulary of opt_ds.data.concepts ({exc})") from None
+        return cls({name: i + CONCEPT_RESERVED_IDS for i, name in enumerate(names)}, max_words)
+
+    def encode(self, names: list[str], limit: int) -> list[int]:
+        """The ids of the first `limit` names the vocabulary holds (the others are dropped: too rare to learn)."""
+        return [self.ids[n] for n in (" ".join(words(n)) for n in names) if n in self.ids][:limit]
 
 
 def read_samples(shards: list[str], problems: Counter[str]) -> Iterator[dict]:
@@ -97,6 +132,20 @@ def caption_of(sample: dict, problems: Counter[str]) -> str | None:
         problems["no_caption"] += 1
         return None
     return caption
+
+
+def tags_of(sample: dict, problems: Counter[str]) -> set[str]:
+    """The picture's object tags in KEY.json, normalised as caption words are; a bad field is counted."""
+    try:
+        return {" ".join(words(t)) for t in text_list(sample, "tags") or []} - {""}
+    except ValueError:
+        problems["bad_tags"] += 1
+        return set()
+
+
+def by_count(counts: Counter[str]) -> dict[str, int]:
+    """Most frequent first, ties in alphabetical order: the same file (and ids) for the same shards."""
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def annotate(shards: list[str], vocabulary: set[str], max_words: int, out: Path, problems: Counter[str]) -> str:
@@ -137,13 +186,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opt_ds.data.concepts: {exc}", file=sys.stderr)
         return 2
     problems: Counter[str] = Counter()
-    samples = tqdm(read_samples(shards, problems), desc="captions", unit="sample", disable=None)
-    captions = (c for c in (caption_of(s, problems) for s in samples) if c is not None)
-    vocabulary, read = mine(captions, args.min_count, args.max_words)
+    tag_counts: Counter[str] = Counter()
+
+    def captions() -> Iterator[str]:
+        for sample in tqdm(read_samples(shards, problems), desc="captions", unit="sample", disable=None):
+            tag_counts.update(tags_of(sample, problems))
+            caption = caption_of(sample, problems)
+            if caption is not None:
+                yield caption
+
+    vocabulary, read = mine(captions(), args.min_count, args.max_words)
+    tags = Counter({tag: n for tag, n in tag_counts.items() if n >= args.min_count})
     out = args.out or Path(shards[0]).parent / "concepts.json"
     header = {"captions": read, "min_count": args.min_count, "max_words": args.max_words}
-    out.write_text(json.dumps(header | {"concepts": dict(vocabulary.most_common())}, indent=1) + "\n")
-    summary = f"{len(vocabulary)} concepts from {read} captions to {out}"
+    out.write_text(json.dumps(header | {"concepts": by_count(vocabulary), "tags": by_count(tags)}, indent=1) + "\n")
+    summary = f"{len(vocabulary)} concepts from {read} captions and {len(tags)} tags to {out}"
     if args.annotate is not None:
         summary += "; " + annotate(shards, set(vocabulary), args.max_words, args.annotate, problems)
     print(f"{summary}; unreadable: {', '.join(f'{k}: {v}' for k, v in sorted(problems.items())) or 'none'}")

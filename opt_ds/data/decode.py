@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, TypeVar
 
 import soundfile
@@ -16,7 +17,16 @@ import torchaudio
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from opt_ds.data.formats import AUDIO_EXTS, IMAGE_EXTS, caption_bytes, caption_rewrites, class_name, first_present
+from opt_ds.data.concepts import ConceptVocabulary, concepts_in
+from opt_ds.data.formats import (
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    caption_bytes,
+    caption_rewrites,
+    class_name,
+    first_present,
+    text_list,
+)
 from opt_ds.data.tars import UnreadMember
 from opt_ds.data.tokenizer import load_tokenizer
 
@@ -43,11 +53,16 @@ class DecodeConfig:
     max_text_tokens: int = 64
     paraphrases_per_sample: int = 0  # caption rewrites (KEY.json) batched for the contrastive task: extra positives
     hard_negatives_per_sample: int = 0  # ... and extra negatives; 0 and 0: no rewrites in the batch
+    # MVP's concepts: a concepts.json of `python -m opt_ds.data.concepts` puts each sample's caption concepts (KEY.json
+    # `concepts`, else the vocabulary's phrases its caption holds) and picture tags (`tags`) in the batch as ids
+    concepts: str | None = None
+    concepts_per_sample: int = 6  # slots in the batch (0: none of the kind)
+    tags_per_sample: int = 6
     max_sample_bytes: int = 64 * 1024 * 1024
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("paraphrases_per_sample", "hard_negatives_per_sample"):
+        for name in ("paraphrases_per_sample", "hard_negatives_per_sample", "concepts_per_sample", "tags_per_sample"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -90,6 +105,7 @@ class SampleDecoder:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.fbank = KaldiFbank(cfg.sample_rate, cfg.n_mels)
+        self.vocabulary = ConceptVocabulary.load(cfg.concepts) if cfg.concepts else None
         self.image_transform = T.Compose(
             [
                 T.Resize(cfg.image_size, antialias=True),
@@ -154,6 +170,23 @@ class SampleDecoder:
                 out[f"{field}_ids"] = [self.text(t) for t in rewrites[field][:limit]]
         return []
 
+    def concepts(self, raw: dict, out: dict) -> list[tuple[str, str]]:
+        """The vocabulary ids of the caption's concepts and (with a picture) its tags into `out`; a field that is
+        not a list of strings is counted, the sample kept."""
+        problems: list[tuple[str, str]] = []
+        if self.vocabulary is None:
+            return problems
+        vocabulary, cfg = self.vocabulary, self.cfg
+        if "caption" in out:
+            given = parse_or_count(partial(text_list, field="concepts"), raw, "bad_concepts", problems)
+            if given is None and not problems:  # none in KEY.json: the vocabulary's phrases the caption holds
+                given = concepts_in(out["caption"], vocabulary.ids, vocabulary.max_words)
+            out["concept_ids"] = torch.tensor(vocabulary.encode(given or [], cfg.concepts_per_sample), dtype=torch.long)
+        if "image" in out:
+            tags = parse_or_count(partial(text_list, field="tags"), raw, "bad_tags", problems)
+            out["tag_ids"] = torch.tensor(vocabulary.encode(tags or [], cfg.tags_per_sample), dtype=torch.long)
+        return problems
+
     def __call__(self, raw: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         problems: list[tuple[str, str]] = []
         unread = [f"{k} of {v.size} bytes" for k, v in raw.items() if isinstance(v, UnreadMember)]
@@ -190,6 +223,7 @@ class SampleDecoder:
             else:
                 problems.append(("empty_caption", ""))
 
+        problems += self.concepts(raw, out)
         label = parse_or_count(class_name, raw, "bad_json", problems)
         if label is not None:
             out["label"] = label

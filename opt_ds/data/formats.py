@@ -8,6 +8,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 CAPTION_JSON_FIELDS = ("text", "caption")
 REWRITE_JSON_FIELDS = ("paraphrases", "hard_negatives")  # UNIMO's caption rewrites, in KEY.json
+CONCEPT_JSON_FIELDS = ("concepts", "tags")  # MVP's concepts: the caption's phrases, the picture's object tags
 CLASS_JSON_FIELDS = ("label_name", "label")  # the sample's class as text (zero-shot classification prompts)
 MODALITIES = ("image", "text", "audio")
 MAX_JSON_BYTES = 1 << 20  # KEY.json holds a caption, its rewrites and a label: a larger one is not metadata
@@ -47,19 +48,23 @@ def caption_bytes(sample: dict) -> str | None:
     return None
 
 
+def text_list(sample: dict, field: str) -> list[str] | None:
+    """KEY.json `field` as a list of whitespace-normalised, non-empty strings (a lone string is a list of one);
+    None when absent. Raises ValueError naming the field when it holds anything else."""
+    meta = key_json(sample)
+    value = meta.get(field) if isinstance(meta, dict) else None
+    if value is None:
+        return None
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"json field {field!r} must be a string or a list of strings, not {value!r:.80}")
+    return [" ".join(v.split()) for v in value if v.strip()]
+
+
 def caption_rewrites(sample: dict) -> dict[str, list[str]]:
     """The caption's rewrites from KEY.json: `paraphrases` (extra positives) and `hard_negatives` (captions
-    with an object, attribute or count changed), each a string or a list of strings; absent fields give [].
-    Raises ValueError naming the field when it holds anything else."""
-    meta = key_json(sample)
-    rewrites = {}
-    for field in REWRITE_JSON_FIELDS:
-        value = meta.get(field, []) if isinstance(meta, dict) else []
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"json field {field!r} must be a string or a list of strings, not {value!r:.80}")
-        rewrites[field] = [" ".join(v.split()) for v in value if v.strip()]
-    return rewrites
+    with an object, attribute or count changed); absent fields give []."""
+    return {field: text_list(sample, field) or [] for field in REWRITE_JSON_FIELDS}
 
 
 def class_name(sample: dict) -> str | None:

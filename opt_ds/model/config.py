@@ -97,6 +97,9 @@ class ModelConfig:
     image_decoder: StackConfig = field(default_factory=StackConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     contrastive_dim: int = 128
+    # MVP's second level: rows of the concept embedding the text and vision towers share for the caption's
+    # concepts and the picture's tags (at least the vocabulary's size; 0: no concept inputs)
+    concept_vocab_size: int = 0
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -111,10 +114,17 @@ class ModelConfig:
                 f"vq grid ({self.vq.image_size}/{self.vq.downsample}) must equal the ViT patch grid "
                 f"({self.vision.image_size}/{self.vision.patch_size}): MVM predicts one VQ code per patch"
             )
+        if self.concept_vocab_size and self.concept_vocab_size <= CONCEPT_RESERVED_IDS:
+            raise ValueError(
+                f"concept_vocab_size must be 0 (off) or > {CONCEPT_RESERVED_IDS}, got {self.concept_vocab_size}"
+            )
         if self.vq.downsample & (self.vq.downsample - 1):
             raise ValueError("vq.downsample must be a power of two")
 
 
+# concept ids every vocabulary reserves (opt_ds.data.concepts.ConceptVocabulary): an empty slot, a masked concept
+CONCEPT_PAD, CONCEPT_MASK = 0, 1
+CONCEPT_RESERVED_IDS = 2
 FRAMES_PER_AUDIO_TOKEN = 4  # the audio stem's two stride-2 convolutions
 
 
