@@ -129,3 +129,16 @@ def write_config(path: Path, triplets: Path, **sections) -> Path:
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def modules_run(model, fn) -> list[str]:
+    """The names of the modules `fn()` runs, in order (ZeRO-3 needs every rank to run the same)."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _i: order.append(names[mod])) for m in model.modules()]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return order

@@ -47,9 +47,12 @@ def test_named_configs_exist_and_scale_to_billions():
     assert 4.5e9 < parameter_count(load_model_config("xl"))["fusion"] < 5.1e9  # OPT's 24 x 4096 encoder
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base", "large", "xl"])
-def test_analytic_parameters_match_the_built_model(name):
-    cfg = load_model_config(name)
+@pytest.mark.parametrize(
+    "name, overrides",
+    [*((n, {}) for n in ("tiny", "small", "base", "large", "xl")), ("tiny", {"concept_vocab_size": 50})],
+)
+def test_analytic_parameters_match_the_built_model(name, overrides):
+    cfg = load_model_config(name, overrides)
     with torch.device("meta"):
         model = OPTModel(cfg)
     assert parameter_counts(model) == parameter_count(cfg)
@@ -83,6 +86,23 @@ def test_analytic_flops_match_torch_flop_counter(tiny):
         assert flops == pytest.approx(expected[part], rel=0.02), part
 
 
+def test_analytic_flops_count_the_concept_and_tag_slots():
+    """Concept slots lengthen the text tower's sequence, tag slots the vision tower's: the estimate follows the
+    counter."""
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny", {"concept_vocab_size": 50})
+    model = OPTModel(cfg).eval()
+    b, slots = 2, (5, 3)
+    batch = fake_batch(cfg, batch=b, text_len=cfg.text.max_len, frames=cfg.audio.max_frames)
+    batch |= {"concept_ids": torch.randint(2, 50, (b, slots[0])), "tag_ids": torch.randint(2, 50, (b, slots[1]))}
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model.unimodal(batch, concepts=True)
+    expected = forward_flops(cfg, lengths_for(cfg, cfg.text.max_len, cfg.audio.max_frames, slots))
+    assert fc.get_total_flops() / b == pytest.approx(
+        expected["text"] + expected["vision"] + expected["audio"], rel=0.02
+    )
+
+
 def test_step_flops_count_the_caption_rewrites_the_contrastive_task_encodes(tiny):
     """Rewrite slots add text-encoder rows: the FLOP estimate grows by what torch's counter sees them cost."""
     from opt_ds.tasks import TASKS, TaskContext, step_generator
@@ -104,6 +124,25 @@ def test_step_flops_count_the_caption_rewrites_the_contrastive_task_encodes(tiny
             task(model, b, TaskContext(step_generator(0, 0, 0)))
         counted.append(fc.get_total_flops())
     estimated = [step_flops(cfg, {"contrastive": task}, plan, b) / 3 for b in (batch, with_rewrites)]  # forward only
+    assert estimated[1] - estimated[0] == pytest.approx(counted[1] - counted[0], rel=0.02)
+
+
+def test_step_flops_count_the_rows_hard_matching_fuses(tiny):
+    """Matching against hard negatives fuses three rows per sample and partner: a second partner adds what the
+    counter sees three more fusion rows per sample cost."""
+    from opt_ds.tasks import TASKS, TaskContext, step_generator
+    from opt_ds.tasks.settings import PairMatchingConfig
+    from opt_ds.train.metrics import step_flops
+
+    cfg, model = tiny
+    batch = fake_batch(cfg, batch=3, text_len=cfg.text.max_len, frames=cfg.audio.max_frames)
+    counted, estimated = [], []
+    for partners in (["image"], ["image", "audio"]):
+        task = TASKS["hard_matching"](PairMatchingConfig(partners))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            task(model, batch, TaskContext(step_generator(0, 0, 0)))
+        counted.append(fc.get_total_flops())
+        estimated.append(step_flops(cfg, {"hard_matching": task}, [("hard_matching", 1.0)], batch) / 3)
     assert estimated[1] - estimated[0] == pytest.approx(counted[1] - counted[0], rel=0.02)
 
 

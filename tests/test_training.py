@@ -46,7 +46,22 @@ def data(tmp_path_factory) -> dict[str, Path]:
     unpaired = sorted(p for m in ("text", "image", "audio") for p in (root / f"{m}_only").glob("*.tar"))
     lines = [str(p) for pair in zip(triplet_shards, unpaired) for p in pair]
     (root / "mixed.txt").write_text("\n".join(lines) + "\n")
-    return {"root": root, "triplets": root / "triplets", "eval": root / "eval", "mixed": root / "mixed.txt"}
+    run_module("opt_ds.data.concepts", str(root / "triplets"), "--min-count", "3", "--out", str(root / "concepts.json"))
+    return {
+        "root": root,
+        "triplets": root / "triplets",
+        "eval": root / "eval",
+        "mixed": root / "mixed.txt",
+        "concepts": root / "concepts.json",
+    }
+
+
+def concept_decode(data: dict[str, Path], **decode) -> dict:
+    """The small runs' decode section with MVP's concepts from the triplets' vocabulary."""
+    return {"max_audio_seconds": 1.0, "max_text_tokens": 16, "concepts": str(data["concepts"]), **decode}
+
+
+CONCEPT_MODEL = {"concept_vocab_size": 128}  # the triplets' vocabulary holds fewer
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -73,23 +88,19 @@ def vq_export(data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_run(data, vq_export, tmp_path_factory) -> Path:
-    """All seven tasks every step (sum mode) while the two ranks read different modality mixes; with caption
-    rewrites, which only some samples of rank 1 (its text-only ones) have."""
+    """All ten tasks every step (sum mode) while the two ranks read different modality mixes, so some samples lack
+    concepts or tags; with caption rewrites, which only some samples of rank 1 (its text-only ones) have."""
     root = tmp_path_factory.mktemp("mixed")
     config = write_config(
         root / "mixed.yaml",
         data["triplets"],
         image_tokenizer=str(vq_export),
+        model_overrides=CONCEPT_MODEL,
         data={
             "sources": [{"name": "mixed", "shards": str(data["mixed"])}],
             "eval_shards": str(data["eval"]),
             "eval_samples": 24,
-            "decode": {
-                "max_audio_seconds": 1.0,
-                "max_text_tokens": 16,
-                "paraphrases_per_sample": 1,
-                "hard_negatives_per_sample": 2,
-            },
+            "decode": concept_decode(data, paraphrases_per_sample=1, hard_negatives_per_sample=2),
             "reader": {"batch_size": 4, "num_workers": 1, "shuffle_shards": False, "shuffle_buffer": 0},
         },
         schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
@@ -148,6 +159,10 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
         "eval/images_from_text/R@1",
         "eval/zero_shot/image_acc",
         "eval/matching/acc",
+        "eval/pair_matching/acc",
+        "mcr/tags_acc",
+        "grounding/acc",
+        "hard_matching/hard_acc",
         "optim/clipped",
         "contrastive/image_audio_loss",
     ]
@@ -163,12 +178,16 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
 
 @pytest.fixture(scope="module")
 def resume_runs(data, vq_export, tmp_path_factory) -> dict[str, Path]:
-    """One 6-step run; and the same config stopped after step 3 and resumed (one-task-per-step schedule)."""
+    """One 6-step run; and the same config stopped after step 3 and resumed (one task per step, of all ten, on a
+    model with concept inputs)."""
     root = tmp_path_factory.mktemp("resume")
     config = write_config(
         root / "run.yaml",
         data["triplets"],
         image_tokenizer=str(vq_export),
+        model_overrides=CONCEPT_MODEL,
+        data={"decode": concept_decode(data)},
+        schedule={"mode": "sample", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
         train={"steps": 6, "log_every": 1, "save_every": 3, "log_sample_keys": True},
     )
     train_ranks(2, "--config", str(config), "--output", str(root / "straight"))
@@ -183,6 +202,27 @@ def resume_runs(data, vq_export, tmp_path_factory) -> dict[str, Path]:
         "split": root / "split",
         "split_copy": root / "split_copy",
     }
+
+
+@pytest.mark.slow
+def test_concept_tasks_lower_their_losses_under_zero3_on_two_ranks(data, tmp_path):
+    """MVP's three tasks and the contrastive one, summed every step on 2 ZeRO-3 ranks: each loss falls."""
+    tasks = ("mcr", "grounding", "hard_matching", "contrastive")
+    config = write_config(
+        tmp_path / "concepts.yaml",
+        data["triplets"],
+        model_overrides=CONCEPT_MODEL,
+        data={"decode": concept_decode(data)},
+        schedule={"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in tasks}}]},
+        optim={"lr": 1e-3, "warmup_steps": 2},
+        train={"steps": 24, "log_every": 1, "save_every": 0},
+    )
+    train_ranks(2, "--config", str(config), "--output", str(tmp_path / "run"))
+    tb = scalars(tmp_path / "run")
+    for task in tasks:
+        losses = [tb[f"{task}/loss"][step] for step in range(1, 25)]
+        assert sum(losses[-6:]) < sum(losses[:6]), (task, losses)
+    assert 0 < tb["mcr/tags_acc"][24] <= 1 and tb["hard_matching/hard"][24] > 0
 
 
 def keys_seen(run_dir: Path) -> list[str]:
@@ -249,6 +289,7 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
         "zero_shot/image_acc",
         "zero_shot/audio_acc",
         "matching/both_from_two_acc",
+        "pair_matching/acc",
     ):
         assert 0 <= scores[f"eval/{key}"] <= (float("inf") if key.endswith(("WER", "CIDEr")) else 1), key
     assert scores["eval/images_from_text/real_colour"] == 1.0  # the synthetic pictures show their caption's colour
@@ -347,9 +388,17 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
         ("image_tokenizer=/nowhere/vq.safetensors", "image_tokenizer: /nowhere/vq.safetensors not found"),
         ("optim.lr_scale={decoder: 2}", "lr_scale: unknown component 'decoder' (known: text, vision"),
         ("data.decode.image_size=128", "data.decode.image_size: 128 px, but model tiny takes 64 px images"),
+        (
+            "schedule.stages=[{name: mvp, tasks: {mcr: 1.0, contrastive: 1.0}}]",
+            "schedule: mcr: MVP's concept tasks need a concept vocabulary (data.decode.concepts",
+        ),
+        ("data.decode.concepts=/nowhere/concepts.json", "data.decode.concepts: /nowhere/concepts.json: not a concept"),
+        ("data.decode.concepts=CONCEPTS", "concepts.json needs"),  # ... ids, but model tiny embeds 0
+        ("model_overrides.concept_vocab_size=1", "concept_vocab_size must be 0 (off) or > 2, got 1"),
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
+    override = override.replace("CONCEPTS", str(data["concepts"]))  # the fixture's vocabulary
     config = write_config(tmp_path / "c.yaml", data["triplets"])
     proc = run_module(
         "opt_ds.train",

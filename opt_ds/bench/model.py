@@ -11,14 +11,14 @@ from opt_ds.bench.registry import Kind
 from opt_ds.bench.runs import synthetic_batch
 from opt_ds.model.config import load_model_config
 from opt_ds.model.size import forward_flops, lengths_for, parameter_count
-from opt_ds.tasks import TASKS, build_tasks
+from opt_ds.tasks import DEFAULT_TASKS, build_tasks
 from opt_ds.train.metrics import step_flops
 
 
 def model_report(model_name: str, batch_size: int, steps: int, warmup: int) -> dict:
     cfg = load_model_config(model_name)
     seconds = statistics.median(step_times(model_name, synthetic_batch(model_name, batch_size), steps, warmup))
-    flops = step_flops(cfg, build_tasks(), [(n, 1.0) for n in TASKS], synthetic_batch(model_name, 1))
+    flops = step_flops(cfg, build_tasks(), [(n, 1.0) for n in DEFAULT_TASKS], synthetic_batch(model_name, 1))
     return {
         "config": model_name,
         "parameters": parameter_count(cfg)["total"],

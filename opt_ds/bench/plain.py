@@ -18,7 +18,7 @@ from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks import (
-    TASKS,
+    DEFAULT_TASKS,
     ScheduleConfig,
     StageConfig,
     TaskContext,
@@ -28,7 +28,9 @@ from opt_ds.tasks import (
     step_generator,
 )
 
-EVERY_TASK = TaskScheduler(ScheduleConfig(mode="sum", stages=[StageConfig("all", {name: 1.0 for name in TASKS})]))
+DEFAULT_SCHEDULE_SUMMED = TaskScheduler(
+    ScheduleConfig(mode="sum", stages=[StageConfig("all", {name: 1.0 for name in DEFAULT_TASKS})])
+)
 
 
 def train_plain(
@@ -75,7 +77,9 @@ def step_times(model_name: str, batch: dict, steps: int, warmup: int) -> list[fl
     cfg = load_model_config(model_name)
     model, vq = OPTModel(cfg).to(device), VQVAE(cfg.vq).to(device).eval()
     on_device = to_device(batch, device, torch.float32)  # once: the steps time the model, not the copy
-    history = train_plain(model, itertools.repeat(on_device), EVERY_TASK, warmup + steps, lr=1e-4, image_tokenizer=vq)
+    history = train_plain(
+        model, itertools.repeat(on_device), DEFAULT_SCHEDULE_SUMMED, warmup + steps, lr=1e-4, image_tokenizer=vq
+    )
     return [h["seconds"] for h in history[warmup:]]
 
 

@@ -21,7 +21,7 @@ from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.synthetic import synthetic_sample
 from opt_ds.dist.launch import local_training_command
 from opt_ds.model.config import load_model_config
-from opt_ds.tasks import TASKS
+from opt_ds.tasks import DEFAULT_TASKS
 from opt_ds.train.metrics import tensorboard_scalars
 
 AUDIO_SECONDS = 2.0
@@ -97,7 +97,7 @@ def deepspeed_run(
             },
             "reader": {"batch_size": batch_per_rank, "num_workers": 1},
         },
-        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
+        "schedule": {"mode": "sum", "stages": [{"name": "all", "tasks": {t: 1.0 for t in DEFAULT_TASKS}}]},
         "image_tokenizer": RANDOM_IMAGE_TOKENIZER,  # a speed measurement: the codes need not mean anything
         "train": {"steps": warmup + steps, "log_every": 1, "save_every": 0},
     }

@@ -9,10 +9,12 @@ from pathlib import Path
 import yaml
 
 from opt_ds.config.fields import ConfigError, from_dict, to_dict
+from opt_ds.data.concepts import ConceptVocabulary
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig
 from opt_ds.model.config import ModelConfig
+from opt_ds.tasks import NEEDS_CONCEPTS
 from opt_ds.tasks.schedule import ScheduleConfig
 from opt_ds.tasks.settings import TasksConfig
 
@@ -189,11 +191,35 @@ def check_fits_model(cfg: ExperimentConfig, model_cfg: ModelConfig) -> None:
             f"data.decode.max_text_tokens: {decode.max_text_tokens}, but model {model_cfg.name} reads "
             f"at most {model_cfg.text.max_len} text tokens (text.max_len)"
         )
+    check_concepts(cfg, model_cfg)
     if cfg.data.eval_shards:
         try:
             expand_shards(cfg.data.eval_shards)
         except ShardSpecError as exc:
             raise ConfigError(f"data.eval_shards: {exc}") from None
+
+
+def check_concepts(cfg: ExperimentConfig, model_cfg: ModelConfig) -> None:
+    """The concept vocabulary must load and fit the model's concept embedding; the concept tasks need both."""
+    path = cfg.data.decode.concepts
+    scheduled = sorted({task for stage in cfg.schedule.stages for task in stage.tasks} & NEEDS_CONCEPTS)
+    if scheduled and not (path and model_cfg.concept_vocab_size):
+        raise ConfigError(
+            f"schedule: {', '.join(scheduled)}: MVP's concept tasks need a concept vocabulary (data.decode.concepts: "
+            "a concepts.json of python -m opt_ds.data.concepts) and a model with concept inputs "
+            "(model_overrides.concept_vocab_size)"
+        )
+    if not path:
+        return
+    try:
+        size = ConceptVocabulary.load(path).size
+    except ValueError as exc:
+        raise ConfigError(f"data.decode.concepts: {exc}") from None
+    if model_cfg.concept_vocab_size < size:
+        raise ConfigError(
+            f"data.decode.concepts: {path} needs {size} concept ids, but model {model_cfg.name} embeds "
+            f"{model_cfg.concept_vocab_size} (concept_vocab_size)"
+        )
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

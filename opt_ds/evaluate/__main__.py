@@ -4,10 +4,11 @@
                               [--json] [--out DIR]
 
 Reports retrieval R@1/5/10 for every modality pair (a duplicate caption counts as correct, a tie with a wrong
-candidate as a miss; chance under the same rule), zero-shot classification and 5-way matching per class;
-for the first N samples (--generate), captions from the image alone, the audio alone and both (BLEU-4, CIDEr,
-WER) and images from text + audio (retrieval of their captions by the model's own encoders; on synthetic
-data, the colour and shape named and the colour drawn). With --hard-negatives K and shards whose KEY.json lists
+candidate as a miss; chance under the same rule), zero-shot classification, 5-way matching per class and
+matching against each batch's hardest negatives (matched and hard pairs, and their mean); for the first N
+samples (--generate), captions from the image alone, the audio alone and both (BLEU-4, CIDEr, WER) and images
+from text + audio (retrieval of their captions by the model's own encoders; on synthetic data, the colour and
+shape named and the colour drawn). With --hard-negatives K and shards whose KEY.json lists
 `hard_negatives`, also how often an image (an audio clip) scores its own caption above its first K.
 
 Writes captions.txt, images.png (top: real, bottom: generated from text + audio) and grid.png (pictures beside
@@ -52,6 +53,7 @@ def print_table(report: dict) -> None:
     groups = (
         "zero_shot",
         "matching",
+        "pair_matching",
         "captions_from_image",
         "captions_from_audio",
         "captions_from_image+audio",

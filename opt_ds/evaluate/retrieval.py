@@ -1,7 +1,7 @@
 """Evaluation of the contrastive embeddings on held-out shards: retrieval R@1/5/10 for every modality pair,
 caption-vs-hard-negative accuracy when the shards carry caption rewrites, zero-shot classification where
-samples name their class, and modality-matching accuracy per class. What the decoders generate is scored in
-opt_ds.evaluate.generation.
+samples name their class, modality-matching accuracy per class, and matching against hard negatives. What the
+decoders generate is scored in opt_ds.evaluate.generation.
 
 `call(fn)` runs fn(model) through whatever wraps the model (the DeepSpeed engine or a plain module),
 so ZeRO-3 sees ordinary forwards. Every rank evaluates the same samples, which keeps the ranks'
@@ -20,9 +20,11 @@ from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.evaluate.scoring import chance_recall, recall_at, same_caption
 from opt_ds.model.fusion import MODALITY_ORDER
+from opt_ds.tasks.base import TaskContext, step_generator
 from opt_ds.tasks.contrastive import PAIRS, Rewrites, beats_hard_negatives, contrastive_embeddings, contrastive_request
 from opt_ds.tasks.encoding import encode_requests
 from opt_ds.tasks.matching import CLASS_NAMES, swap
+from opt_ds.tasks.pair_matching import HardNegativeMatching
 
 RECALL_AT = (1, 5, 10)
 
@@ -159,3 +161,22 @@ def matching(call: Callable, batches: list[dict], device: torch.device, dtype: t
     if out:
         out["eval/matching/acc"] = sum(out.values()) / len(out)
     return out
+
+
+@torch.no_grad()
+def pair_matching(call: Callable, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Matching against the hardest negatives of each held-out batch, as the hard_matching task builds them:
+    accuracy on the matched pairs, on the hard pairs, and their mean (chance 0.5)."""
+    task, ctx = HardNegativeMatching(), TaskContext(step_generator(0, 0, 0))
+    hits = {"matched": 0.0, "hard": 0.0}
+    counts = dict.fromkeys(hits, 0.0)
+    for batch in batches:
+        b = to_device(batch, device, dtype)
+        _, metrics = call(lambda m: task(m, b, ctx))
+        for name in hits:
+            hits[name] += float(metrics[f"{name}_acc"] * metrics[name])
+            counts[name] += float(metrics[name])
+    if not all(counts.values()):
+        return {}
+    out = {f"eval/pair_matching/{name}_acc": hits[name] / counts[name] for name in hits}
+    return out | {"eval/pair_matching/acc": sum(out.values()) / 2}

@@ -1,4 +1,4 @@
-"""The whole evaluation of a model: retrieval, zero-shot, matching, captions and generated images.
+"""The whole evaluation of a model: retrieval, zero-shot, both matchings, captions and generated images.
 
 `evaluate_model` runs it on any callable model (the trainer's engine, at its evaluations); `evaluate` on an
 export, writing its captions and pictures (`python -m opt_ds.evaluate`).
@@ -16,7 +16,7 @@ from torchvision.utils import save_image
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.tokenizer import load_tokenizer
 from opt_ds.evaluate.generation import Decoding, caption_evaluation, image_generation_evaluation, write_grid
-from opt_ds.evaluate.retrieval import embed_eval_set, eval_batches, matching, retrieval, zero_shot
+from opt_ds.evaluate.retrieval import embed_eval_set, eval_batches, matching, pair_matching, retrieval, zero_shot
 from opt_ds.export.bundle import load_bundle
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.train.stages import stage_of
@@ -38,7 +38,7 @@ def evaluate_model(
     emb, has, scores = embed_eval_set(call, batches, device, dtype)
     scores |= retrieval(emb, has, [c for b in batches for c in b["captions"]])
     scores |= zero_shot(call, emb, has, [n for b in batches for n in b["labels"]], device, dtype, decode)
-    scores |= matching(call, batches, device, dtype)
+    scores |= matching(call, batches, device, dtype) | pair_matching(call, batches, device, dtype)
     texts: dict[str, list[str]] = {}
     real = generated = torch.empty(0)
     if generate > 0:

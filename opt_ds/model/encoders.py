@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,14 @@ from opt_ds.model.layers import Transformer, key_padding_mask, run_blocks
 
 # no dropout in any tower: large-data pre-training does without, and it keeps steps reproducible on resume
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+@dataclass
+class Level:
+    """MVP's second level of a modality: embedded concept slots [B, K, D] and which of them are filled [B, K]."""
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
 
 
 def resolve_text_checkpoint(init_from: str) -> Path:
@@ -75,11 +84,26 @@ class TextEncoder(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
 
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor, concepts: Level | None = None) -> torch.Tensor:
+        """-> every token's output [B, L, Dt], then (given MVP's concepts [B, K, Dt]) every concept slot's [B, K, Dt].
+
+        Concepts are BERT's second segment: token type 1, all at position 0 (a set, not a sequence).
+        """
         # a sample without text still attends to its first (padding) token: no all-masked rows, no NaN
         first = torch.zeros_like(valid)
         first[:, 0] = True
-        return self.bert(input_ids=ids, attention_mask=(valid | first).long()).last_hidden_state
+        if concepts is None:
+            return self.bert(input_ids=ids, attention_mask=(valid | first).long()).last_hidden_state
+        words = self.word_embeddings(ids)
+        batch, length, slots = ids.shape[0], ids.shape[1], concepts.tokens.shape[1]
+        types = torch.cat([torch.zeros_like(ids), torch.ones(batch, slots, dtype=ids.dtype, device=ids.device)], 1)
+        positions = torch.cat([torch.arange(length, device=ids.device), torch.zeros(slots, device=ids.device)])
+        return self.bert(
+            inputs_embeds=torch.cat([words, concepts.tokens.to(words.dtype)], 1),
+            token_type_ids=types,
+            position_ids=positions.long()[None].expand(batch, -1),
+            attention_mask=torch.cat([valid | first, concepts.valid], 1).long(),
+        ).last_hidden_state
 
 
 class VisionEncoder(nn.Module):
@@ -88,7 +112,7 @@ class VisionEncoder(nn.Module):
     Parameter names follow timm's VisionTransformer, so a timm ViT state dict loads directly.
     """
 
-    def __init__(self, cfg: VisionConfig, use_checkpoint: bool = False):
+    def __init__(self, cfg: VisionConfig, use_checkpoint: bool = False, concept_dim: int = 0):
         super().__init__()
         vit = VisionTransformer(
             img_size=cfg.image_size,
@@ -106,6 +130,9 @@ class VisionEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid**2 + 1, cfg.hidden) * 0.02)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        if concept_dim:  # the picture's object tags, embedded by the shared concept embedding, as extra tokens
+            self.tag_proj = nn.Linear(concept_dim, cfg.hidden)
+            self.tag_type = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
         self.use_checkpoint = use_checkpoint
         if cfg.init_from:
             self.load_timm_weights(cfg.init_from)
@@ -115,17 +142,25 @@ class VisionEncoder(nn.Module):
 
         state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(("head.", "fc_norm."))}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "mask_token"]
+        missing = [k for k in missing if k not in ("mask_token", "tag_proj.weight", "tag_proj.bias", "tag_type")]
         if missing or unexpected:
             raise ValueError(f"vision.init_from {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """images [B,3,H,W] -> tokens [B, 1+N, D]; patches where patch_mask [B,N] is True become the mask token."""
+    def forward(
+        self, images: torch.Tensor, patch_mask: torch.Tensor | None = None, tags: Level | None = None
+    ) -> torch.Tensor:
+        """images [B,3,H,W] -> tokens [B, 1+N, D], then (given tags [B, K, Dc]) the tag slots' [B, K, D];
+        patches where patch_mask [B,N] is True become the mask token."""
         x = self.patch_embed(images)
         if patch_mask is not None:
             x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
-        return self.norm(run_blocks(self.blocks, x, self.use_checkpoint))
+        if tags is None:
+            return self.norm(run_blocks(self.blocks, x, self.use_checkpoint))
+        tag_tokens = self.tag_proj(tags.tokens.to(x.dtype)) + self.tag_type.to(x.dtype)
+        valid = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), tags.valid], 1)
+        x = torch.cat([x, tag_tokens], 1)
+        return self.norm(run_blocks(self.blocks, x, self.use_checkpoint, attn_mask=key_padding_mask(valid)))
 
 
 class AudioEncoder(nn.Module):

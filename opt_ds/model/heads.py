@@ -39,19 +39,20 @@ class LinearHead(nn.Module):
 
 
 class MatchingHead(nn.Module):
-    """5-way modality matching from the fusion CLS."""
+    """Matching classes from the fusion CLS: OPT's 5-way modality matching, or matched / not matched."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, classes: int):
         super().__init__()
         self.pool = nn.Linear(dim, dim)
-        self.classify = nn.Linear(dim, MATCH_CLASSES)
+        self.classify = nn.Linear(dim, classes)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.classify(torch.tanh(self.pool(cls)))
 
 
 class ContrastiveHead(nn.Module):
-    """Projects each encoder's CLS into one normalised space; owns the learnable temperature."""
+    """Projects each input (each encoder's pooled output; concepts and patches) into one normalised space; owns the
+    learnable temperature."""
 
     def __init__(self, dims: dict[str, int], out_dim: int, init_temperature: float = 0.07):
         super().__init__()

@@ -41,17 +41,25 @@ class Lengths:
     text: int
     image: int
     audio: int
+    concepts: int = 0  # concept slots beside the text tokens, tag slots beside the patches (concept inputs only)
+    tags: int = 0
 
     @property
     def fusion(self) -> int:
         return 1 + self.text + self.image + self.audio
 
 
-def lengths_for(cfg: ModelConfig, text_tokens: int | None = None, audio_frames: int | None = None) -> Lengths:
-    """Defaults: the configured maxima (text.max_len tokens, audio.max_frames frames)."""
+def lengths_for(
+    cfg: ModelConfig,
+    text_tokens: int | None = None,
+    audio_frames: int | None = None,
+    concept_slots: tuple[int, int] = (0, 0),
+) -> Lengths:
+    """Defaults: the configured maxima (text.max_len tokens, audio.max_frames frames), no concept slots."""
     text = cfg.text.max_len if text_tokens is None else text_tokens
     frames = cfg.audio.max_frames if audio_frames is None else min(audio_frames, cfg.audio.max_frames)
-    return Lengths(text=text, image=cfg.vision.grid**2 + 1, audio=subsampled_length(frames) + 1)
+    concepts, tags = concept_slots if cfg.concept_vocab_size else (0, 0)
+    return Lengths(text, cfg.vision.grid**2 + 1, subsampled_length(frames) + 1, concepts, tags)
 
 
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:
@@ -104,9 +112,16 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
         + _linear(f.hidden, FRAMES_PER_AUDIO_TOKEN * a.n_mels)  # MAM
         + _linear(f.hidden, f.hidden)
         + _linear(f.hidden, MATCH_CLASSES)  # matching
+        + _linear(f.hidden, f.hidden)
+        + _linear(f.hidden, 2)  # matching against hard negatives
         + sum(_linear(d, cfg.contrastive_dim) for d in (t.hidden, v.hidden, a.hidden))
         + 1
     )  # contrastive
+    concepts = cfg.concept_vocab_size
+    if concepts:  # the shared embedding (text), the tags' projection (vision), recovery and grounding heads
+        text += concepts * t.hidden
+        vision += _linear(t.hidden, v.hidden) + v.hidden
+        heads += sum(2 * d + _linear(d, concepts) + _linear(d, f.hidden) for d in (t.hidden, v.hidden)) + 1
     counts = {
         "text": text,
         "vision": vision,
@@ -124,9 +139,14 @@ def forward_flops(cfg: ModelConfig, lengths: Lengths | None = None) -> dict[str,
     """Forward FLOPs per sample of each component (heads: all of them once)."""
     n = lengths or lengths_for(cfg)
     t, v, a, f = cfg.text, cfg.vision, cfg.audio, cfg.fusion
-    text = t.layers * (2 * n.text * (4 * t.hidden**2 + 2 * t.hidden * t.intermediate) + 4 * n.text**2 * t.hidden)
+    words = n.text + n.concepts
+    text = t.layers * (2 * words * (4 * t.hidden**2 + 2 * t.hidden * t.intermediate) + 4 * words**2 * t.hidden)
     patches = v.grid**2
-    vision = 2 * patches * 3 * v.patch_size**2 * v.hidden + v.layers * _block_flops(v.hidden, v.mlp_ratio, n.image)
+    vision = (
+        2 * patches * 3 * v.patch_size**2 * v.hidden
+        + 2 * n.tags * t.hidden * v.hidden
+        + v.layers * _block_flops(v.hidden, v.mlp_ratio, n.image + n.tags)
+    )
     frames = 4 * (n.audio - 1)
     half = (frames - 1) // 2 + 1
     mels_half, mels_quarter = (a.n_mels - 1) // 2 + 1, subsampled_length(a.n_mels)
@@ -151,7 +171,9 @@ def forward_flops(cfg: ModelConfig, lengths: Lengths | None = None) -> dict[str,
         + 2 * patches * f.hidden * cfg.vq.codebook_size
         + 2 * (n.audio - 1) * f.hidden * FRAMES_PER_AUDIO_TOKEN * a.n_mels
         + 2 * f.hidden * (f.hidden + MATCH_CLASSES)
+        + 2 * f.hidden * (f.hidden + 2)
         + 2 * cfg.contrastive_dim * (t.hidden + v.hidden + a.hidden)
+        + 2 * (n.concepts * t.hidden + n.tags * v.hidden) * (cfg.concept_vocab_size + f.hidden)
     )
     out = {
         "text": text,

@@ -80,6 +80,11 @@ class Task:
     def __init__(self, settings=None):
         self.settings = settings if settings is not None else self.settings_type()
 
+    @property
+    def fused_rows_per_sample(self) -> int:
+        """Rows the task puts through the fusion per sample (for the FLOP count)."""
+        return int("fusion" in self.components)
+
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         """-> (what to encode, the state `score` needs)."""
         raise NotImplementedError

@@ -20,7 +20,7 @@ from opt_ds.model.fusion import MODALITY_ORDER, Fused
 from opt_ds.model.opt import OPTModel, Unimodal
 from opt_ds.tasks.base import Task, TaskContext
 from opt_ds.tasks.encoding import EncoderRequest
-from opt_ds.tasks.settings import ContrastiveConfig
+from opt_ds.tasks.settings import NoSettings
 
 PAIRS = tuple(itertools.combinations(MODALITY_ORDER, 2))
 
@@ -87,7 +87,7 @@ def info_nce(
 
 class CrossModalContrastive(Task):
     name, components, extra_text_key = "contrastive", ("text", "vision", "audio", "heads"), "rewrite_ids"
-    settings_type = ContrastiveConfig
+    settings_type = NoSettings
 
     def prepare(self, model: OPTModel, batch: dict, ctx: TaskContext) -> tuple[EncoderRequest, dict]:
         return contrastive_request(batch), {}
@@ -100,11 +100,12 @@ class CrossModalContrastive(Task):
 
 
 def contrastive_request(batch: dict) -> EncoderRequest:
-    """The uni-modal encoders on the batch; the captions' rewrites, if batched, through the text encoder too."""
+    """The uni-modal encoders on the batch, with its concepts (for a model with concept inputs); the captions'
+    rewrites, if batched, through the text encoder too."""
     rewrites = None
     if CrossModalContrastive.extra_text_key in batch:
         rewrites = (batch["rewrite_ids"].flatten(0, 1), batch["rewrite_mask"].flatten(0, 1))
-    return EncoderRequest(batch, fuse=False, extra_text=rewrites)
+    return EncoderRequest(batch, fuse=False, extra_text=rewrites, concepts=True)
 
 
 def contrastive_embeddings(

@@ -85,11 +85,26 @@ class MatchingConfig:
 
 
 @dataclass(frozen=True)
-class ContrastiveConfig:
-    """Cross-modal contrastive learning has no settings of its own yet (its temperature is learned)."""
+class NoSettings:
+    """A task without settings of its own (contrastive learning and concept grounding learn their temperature)."""
 
     def check(self, task: str) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class PairMatchingConfig:
+    """Matching against the hardest in-batch negatives: the modalities matched with the caption."""
+
+    partners: list[str] = field(default_factory=lambda: ["image", "audio"])
+
+    def check(self, task: str) -> None:
+        if (
+            not self.partners
+            or not set(self.partners) <= {"image", "audio"}
+            or len(set(self.partners)) < len(self.partners)
+        ):
+            raise ValueError(f"tasks.{task}.partners needs one or both of image and audio, got {self.partners}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,10 @@ class TasksConfig:
     text_gen: GenerationConfig = field(default_factory=GenerationConfig)
     image_gen: GenerationConfig = field(default_factory=GenerationConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    contrastive: NoSettings = field(default_factory=NoSettings)
+    mcr: MaskingConfig = field(default_factory=MaskingConfig)  # masked concept recovery
+    hard_matching: PairMatchingConfig = field(default_factory=PairMatchingConfig)
+    grounding: NoSettings = field(default_factory=NoSettings)
 
     def __post_init__(self) -> None:
         for name, settings in vars(self).items():

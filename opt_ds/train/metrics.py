@@ -67,8 +67,13 @@ def step_flops(model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]
     """Training FLOPs of one micro-batch on this rank: 3x the forward FLOPs of the components each task runs."""
     text_tokens = batch["text_ids"].shape[1]
     frames = batch["audio"].shape[1]
-    fwd = forward_flops(model_cfg, lengths_for(model_cfg, text_tokens, frames))
-    per_sample = sum(fwd[c] for name, _ in plan for c in tasks[name].components)
+    slots = tuple(batch[k].shape[1] if k in batch else 0 for k in ("concept_ids", "tag_ids"))
+    fwd = forward_flops(model_cfg, lengths_for(model_cfg, text_tokens, frames, slots))
+    per_sample = sum(
+        fwd[c] * (tasks[name].fused_rows_per_sample if c == "fusion" else 1)
+        for name, _ in plan
+        for c in tasks[name].components
+    )
     for name, _ in plan:  # text-only rows a task adds to the text encoder's batch (caption rewrites)
         if tasks[name].extra_text_key in batch:
             slots, length = batch[tasks[name].extra_text_key].shape[1:]
