@@ -32,6 +32,7 @@ from opt_ds.dist.launch import local_training_command
 
 ROW_NAMES = {"open_clip": "open_clip", "contrastive": "opt_ds contrastive", "full": "opt_ds all tasks"}
 DEMO_CONFIG = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())
+OPTIM = {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 30, "betas": [0.9, 0.98], "eps": 1e-6, "min_lr_ratio": 0.0}
 FULL_SCHEDULE = {"mode": "sum", "stages": [{"name": "all", "tasks": DEMO_CONFIG["schedule"]["stages"][-1]["tasks"]}]}
 
 
@@ -125,14 +126,7 @@ def learning_report(
     if train is None or eval_shards is None:
         train, eval_shards = synthetic_image_text(workdir, samples)
     train, eval_shards = train.resolve(), eval_shards.resolve()
-    optim = {
-        "lr": 5e-4,
-        "weight_decay": 0.1,
-        "warmup_steps": 30,
-        "betas": [0.9, 0.98],
-        "eps": 1e-6,
-        "min_lr_ratio": 0.0,
-    }
+    optim = OPTIM
     contrastive = {"mode": "sample", "stages": [{"name": "all", "tasks": {"contrastive": 1.0}}]}
 
     def one_run(run: str, seed: int) -> dict:
