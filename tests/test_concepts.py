@@ -76,6 +76,16 @@ def test_empty_concept_slots_change_nothing_and_filled_ones_change_the_encodings
     )
 
 
+def test_a_level_configured_away_leaves_the_other_working(setup):
+    """tags_per_sample: 0 (say, no tagger): no tag slots; concepts still encode, recover and ground."""
+    model, batch = setup
+    no_tags = batch | {"tag_ids": batch["tag_ids"][:, :0]}
+    for name in ("mcr", "grounding"):
+        loss, metrics = TASKS[name]()(model, no_tags, ctx())
+        assert torch.isfinite(loss) and loss.item() > 0, name
+    assert metrics["concepts"] > 0 and model.unimodal(no_tags, concepts=True).tags.tokens.shape[1] == 0
+
+
 def test_concept_recovery_masks_filled_slots_only_at_least_one_and_whole_levels(setup):
     model, batch = setup
     task = TASKS["mcr"]()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from helpers import run_module, train_ranks, write_config
 from opt_ds.config.experiment import load_config
 from opt_ds.config.fields import ConfigError
+from opt_ds.export.bundle import read_config
 from opt_ds.tasks import TASKS
 from opt_ds.train.checkpoint import CheckpointError, find_resume, tag_for
 
@@ -273,6 +274,11 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
         ).stdout
     )
     assert report["samples"] == 24
+    moved = resume_runs["root"] / "moved" / "model.safetensors"  # an export and its vocabulary, elsewhere
+    moved.parent.mkdir(exist_ok=True)
+    shutil.copy(weights, moved)
+    shutil.copy(weights.with_suffix(".concepts.json"), moved.with_suffix(".concepts.json"))
+    assert read_config(moved).data.decode.concepts == str(moved.with_suffix(".concepts.json"))
     for query in ("text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"):
         assert 0 <= report["scores"][f"eval/{query}/R@1"] <= report["scores"][f"eval/{query}/R@10"] <= 1
     assert len((out / "captions.txt").read_text().splitlines()) == 3 and (out / "images.png").stat().st_size > 0

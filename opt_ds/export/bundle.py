@@ -1,10 +1,13 @@
 """The exported model: one safetensors file holding `model.*` (pre-training) and `image_tokenizer.*`, with
-the run's config in its metadata (also written beside it as .yaml), loadable without DeepSpeed.
+the run's config in its metadata (also written beside it as .yaml), loadable without DeepSpeed. A run with a
+concept vocabulary leaves it beside the export too (.concepts.json), where loading finds it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,6 +64,8 @@ def export(checkpoint_path: str, out: str) -> Path:
     stage.finish_export(bundle, path, cfg)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.data.decode.concepts:  # the concept ids mean nothing without their vocabulary: it travels along
+        shutil.copyfile(cfg.data.decode.concepts, vocabulary_beside(out_path))
     config_json = json.dumps(to_dict(cfg))
     save_model(
         bundle, str(out_path), metadata={CONFIG_KEY: config_json, "step": str(checkpoint.read_meta(path)["step"])}
@@ -84,7 +89,16 @@ def read_config(path: str | Path) -> ExperimentConfig:
         meta = f.metadata() or {}
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path}: not an opt_ds export (no {CONFIG_KEY} metadata)")
-    return from_dict(ExperimentConfig, json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
+    cfg = from_dict(ExperimentConfig, json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
+    vocabulary = vocabulary_beside(Path(path))
+    if cfg.data.decode.concepts and vocabulary.is_file():
+        cfg = replace(cfg, data=replace(cfg.data, decode=replace(cfg.data.decode, concepts=str(vocabulary))))
+    return cfg
+
+
+def vocabulary_beside(export_path: Path) -> Path:
+    """Where an export keeps the concept vocabulary of its run (model.safetensors -> model.concepts.json)."""
+    return export_path.with_suffix(".concepts.json")
 
 
 def load_bundle(path: str | Path) -> tuple[Bundle, ExperimentConfig]:

@@ -152,9 +152,10 @@ class OPTModel(nn.Module):
         concept_ids, tag_ids = ids("concept_ids", batch["text_ids"].shape[0]), ids("tag_ids", batch["image"].shape[0])
         embedded = self.concept_embed(torch.cat([concept_ids.flatten(), tag_ids.flatten()]))
         concepts, tags = embedded.split([concept_ids.numel(), tag_ids.numel()])
+        width = embedded.shape[-1]
         return (
-            Level(concepts.view(*concept_ids.shape, -1), concept_ids != CONCEPT_PAD),
-            Level(tags.view(*tag_ids.shape, -1), tag_ids != CONCEPT_PAD),
+            Level(concepts.view(*concept_ids.shape, width), concept_ids != CONCEPT_PAD),
+            Level(tags.view(*tag_ids.shape, width), tag_ids != CONCEPT_PAD),
         )
 
     def fuse(self, uni: Unimodal, batch: dict, keep: dict[str, torch.Tensor] | None = None) -> Fused:
