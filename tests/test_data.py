@@ -134,6 +134,12 @@ def test_narratives_builder_counts_missing_files(tmp_path):
     jsonl = tmp_path / "ln.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "shards"
+    labels, names = tmp_path / "labels.csv", tmp_path / "names.csv"  # Open Images' format: verified labels -> tags
+    labels.write_text(
+        "ImageID,Source,LabelName,Confidence\nimg1,verification,/m/box,1\nimg1,verification,/m/cat,0\n"
+        "img1,crowdsource,/m/red,1\nimg2,verification,/m/unnamed,1\n"
+    )
+    names.write_text("LabelName,DisplayName\n/m/box,Box\n/m/cat,Cat\n/m/red,Red\n")
     proc = run_module(
         "opt_ds.data.build_shards",
         "narratives",
@@ -143,12 +149,19 @@ def test_narratives_builder_counts_missing_files(tmp_path):
         str(images),
         "--audio",
         str(audio),
+        "--labels",
+        str(labels),
+        "--label-names",
+        str(names),
         "--out",
         str(out),
         "--quiet",
     )
     summary = proc.stdout.strip().splitlines()[-1]
     assert "wrote 3 samples" in summary and "missing_audio: 1" in summary and "missing_image: 1" in summary
+    with tarfile.open(next(out.glob("*.tar"))) as tar:
+        metas = {m.name: json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")}
+    assert metas["open_images_img1_3.json"]["tags"] == ["Box", "Red"] and "tags" not in metas["open_images_img2_3.json"]
     batches, _ = read_all(out)
     by_key = {k: i for b in batches for i, k in enumerate(b["keys"])}
     b = batches[0]

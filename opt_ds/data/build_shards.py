@@ -93,13 +93,31 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise SystemExit(f"{path}:{line_no}: not valid JSON: {exc}") from None
 
 
+def open_images_tags(labels: Path, names: Path) -> dict[str, list[str]]:
+    """Open Images' human-verified image-level labels (ImageID, Source, LabelName, Confidence rows; Confidence 1:
+    present) as each image's tags, by their display names (LabelName, DisplayName rows): MVP's visual concepts."""
+    with names.open(newline="") as f:
+        display = {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
+    tags: dict[str, list[str]] = {}
+    with labels.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("Confidence") == "1" and row.get("LabelName") in display:
+                tags.setdefault(row["ImageID"], []).append(display[row["LabelName"]])
+    return tags
+
+
 def build_narratives(args: argparse.Namespace, sink: ShardSink) -> None:
     """Localized Narratives (Open Images): image_id -> IMAGES/<image_id>.jpg, voice_recording under AUDIO.
 
     With --window-seconds S > 0 (default 10) a narration with utterance times becomes one sample per window of
     at most S seconds (opt_ds.data.narratives), keyed <key>_w<i>; without usable times it stays whole (counted).
+    With --labels and --label-names (Open Images' image-level labels and class names), each picture's verified
+    labels become its KEY.json `tags`.
     """
     images, audio = Path(args.images), Path(args.audio)
+    if (args.labels is None) != (args.label_names is None):
+        raise SystemExit("--labels and --label-names go together (the labels name classes by their MIDs)")
+    tags = open_images_tags(Path(args.labels), Path(args.label_names)) if args.labels else {}
     for line_no, rec in tqdm(list(_jsonl(Path(args.jsonl))), desc="narratives", unit="sample", disable=args.quiet):
         if "image_id" not in rec:
             raise SystemExit(f"{args.jsonl}:{line_no}: record has no 'image_id' field")
@@ -108,6 +126,8 @@ def build_narratives(args: argparse.Namespace, sink: ShardSink) -> None:
         voice = rec.get("voice_recording")
         add_file(sample, sink, "audio", audio / voice if voice else None, args.verify)
         meta = {k: rec[k] for k in ("dataset_id", "image_id", "annotator_id") if k in rec}
+        if rec["image_id"] in tags:
+            meta["tags"] = tags[rec["image_id"]]
         audio_ext = next((ext for ext in AUDIO_EXTS if ext in sample), None)
         windows = []
         if args.window_seconds > 0 and audio_ext is not None and "timed_caption" in rec:
@@ -189,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 default=10.0,
                 help="cut narrations into utterance windows of at most this long (0: keep them whole)",
             )
+            p.add_argument("--labels", default=None, help="Open Images image-level labels CSV: pictures' tags")
+            p.add_argument("--label-names", default=None, help="Open Images class descriptions CSV (MID, name)")
         else:
             p.add_argument("--file", required=True)
             p.add_argument("--prefix", default="m", help="key prefix for rows without a 'key' column")
