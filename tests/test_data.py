@@ -327,6 +327,8 @@ def test_concepts_are_mined_by_caption_count_and_annotated_without_overlap(synth
     )
     assert "bad_caption: 1, bad_json: 1" in proc.stdout.splitlines()[-1]
     mined = json.loads((tmp_path / "shards" / "concepts.json").read_text())
+    size = len(mined["concepts"]) + len(set(mined["tags"]) - set(mined["concepts"])) + 2  # the two reserved ids
+    assert f"(concept_vocab_size >= {size})" in proc.stdout
     vocabulary = mined["concepts"]
     assert mined["captions"] == 61 and {"picture", "one", "red"} <= set(vocabulary) and "picture of" not in vocabulary
     assert list(vocabulary.values()) == sorted(vocabulary.values(), reverse=True)  # most frequent first

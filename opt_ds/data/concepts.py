@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(shards[0]).parent / "concepts.json"
     header = {"captions": read, "min_count": args.min_count, "max_words": args.max_words}
     out.write_text(json.dumps(header | {"concepts": by_count(vocabulary), "tags": by_count(tags)}, indent=1) + "\n")
-    summary = f"{len(vocabulary)} concepts from {read} captions and {len(tags)} tags to {out}"
+    size = ConceptVocabulary.load(out).size
+    summary = (
+        f"{len(vocabulary)} concepts from {read} captions and {len(tags)} tags to {out} (concept_vocab_size >= {size})"
+    )
     if args.annotate is not None:
         summary += "; " + annotate(shards, set(vocabulary), args.max_words, args.annotate, problems)
     print(f"{summary}; unreadable: {', '.join(f'{k}: {v}' for k, v in sorted(problems.items())) or 'none'}")
