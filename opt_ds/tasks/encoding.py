@@ -24,8 +24,6 @@ from opt_ds.model.opt import OPTModel, Unimodal
 
 ENCODER_INPUTS = ("text_ids", "text_mask", "image", "audio", "audio_mask", "has_text", "has_image", "has_audio")
 CONCEPT_INPUTS = ("concept_ids", "tag_ids")  # in the batch when the data has a concept vocabulary
-
-
 FUSED_FIELDS = ("text", "text_valid", "image", "audio", "audio_valid")  # the Unimodal parts the fusion reads
 
 
