@@ -39,7 +39,7 @@ def train(work: Path, paraphrases: int, hard_negatives: int, steps: int, start: 
     )
     scheduler = TaskScheduler(ScheduleConfig(mode="sum", stages=[StageConfig("c", {"contrastive": 1.0})]), set(TASKS))
     began = time.perf_counter()
-    train_plain(model, loader, scheduler, steps=steps, lr=1e-3)
+    train_plain(model, loader, scheduler, steps=steps, lr=1e-3, decode=decode)
     return model.eval(), time.perf_counter() - began
 
 

@@ -26,9 +26,13 @@ REACHES = {  # a parameter of each must get a non-zero gradient from the task; u
 UNIMODAL = {"mcr", "grounding", "contrastive"}
 
 
+def concept_decode(vocabulary) -> DecodeConfig:
+    return DecodeConfig(max_audio_seconds=2.0, concepts=str(vocabulary))
+
+
 def concept_loader(shards, vocabulary, batch_size: int, **reader):
-    decode = DecodeConfig(max_audio_seconds=2.0, concepts=str(vocabulary))
-    return make_loader([SourceConfig("s", str(shards))], decode, ReaderConfig(batch_size=batch_size, **reader))
+    reader = ReaderConfig(batch_size=batch_size, **reader)
+    return make_loader([SourceConfig("s", str(shards))], concept_decode(vocabulary), reader)
 
 
 def concept_model(vocabulary) -> OPTModel:
@@ -42,7 +46,7 @@ def setup(synthetic_shards, tmp_path_factory):
     run_module("opt_ds.data.concepts", str(synthetic_shards), "--min-count", "3", "--out", str(vocabulary))
     torch.manual_seed(0)
     loader = concept_loader(synthetic_shards, vocabulary, 6, num_workers=0, shuffle_buffer=0)
-    batch = to_device(next(iter(loader)), torch.device("cpu"), torch.float32)
+    batch = to_device(next(iter(loader)), torch.device("cpu"), torch.float32, concept_decode(vocabulary))
     assert (batch["concept_ids"] != CONCEPT_PAD).any(1).all() and (batch["tag_ids"] != CONCEPT_PAD).any(1).all()
     return concept_model(vocabulary), batch
 
@@ -183,7 +187,9 @@ def test_concept_tasks_learn_on_synthetic_triplets(tmp_path):
     loader = concept_loader(tmp_path, tmp_path / "concepts.json", 16, num_workers=1)
     weights = {name: 1.0 for name in REACHES}
     scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), set(TASKS))
-    history = train_plain(model, loader, scheduler, steps=160, lr=3e-4)
+    history = train_plain(
+        model, loader, scheduler, steps=160, lr=3e-4, decode=concept_decode(tmp_path / "concepts.json")
+    )
     for name in REACHES:
         first, last = task_trend(history, f"{name}/loss", window=8)
         assert last < first, f"{name}: loss {first:.3f} -> {last:.3f}"

@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 from helpers import keys_of, run_module, take
-from opt_ds.data.batch import normalised_images
-from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.batch import normalised_images, to_device
+from opt_ds.data.collate import collate
+from opt_ds.data.decode import DecodeConfig, SampleDecoder, float_wave
+from opt_ds.data.features import KaldiFbank, with_log_mel
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.data.synthetic import synthetic_sample
@@ -451,46 +453,77 @@ def test_missing_shard_is_a_startup_error_in_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3"])
-def test_audio_formats_decode_to_fbank(fmt):
-    decoder = SampleDecoder(DecodeConfig())
-    fbank = decoder.audio(audio_bytes(fmt, seconds=1.0, rate=22050))  # resampled to 16 kHz
-    assert fbank.shape[1] == 80 and 95 <= fbank.shape[0] <= 101 and torch.isfinite(fbank).all()
+def test_audio_formats_decode_to_16k_waves_whose_frames_the_batch_counts(fmt):
+    decode = DecodeConfig()
+    wave = SampleDecoder(decode).waveform(audio_bytes(fmt, seconds=1.0, rate=22050))  # resampled to 16 kHz
+    assert wave.dtype == torch.float32 and 15_900 <= wave.shape[0] <= 16_100
+    batch = with_log_mel(collate([{"key": "a", "audio": wave}], decode), decode)
+    assert batch["audio"].shape[2] == 80 and batch["audio_mask"].sum() == 1 + (wave.shape[0] - 400) // 160
+    assert torch.isfinite(batch["audio"]).all() and "waveform" not in batch
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("fmt, subtype", [("FLAC", "PCM_16"), ("FLAC", "PCM_24"), ("WAV", "PCM_16"), ("WAV", "FLOAT")])
+def test_a_waveform_read_as_stored_is_libsndfiles_float_read(fmt, subtype, channels):
+    """Mono 16-bit PCM stays int16 as stored (half the bytes to the trainer, no conversion in the worker) and is
+    scaled where its frames are made: the same floats as libsndfile's own float read, bit for bit."""
+    rng = np.random.default_rng(channels)
+    buf = io.BytesIO()
+    soundfile.write(buf, (0.3 * rng.standard_normal((8000, channels))).astype(np.float32), 16000, subtype, format=fmt)
+    expected = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32", always_2d=True)[0].mean(axis=1)
+    wave = SampleDecoder(DecodeConfig()).waveform(buf.getvalue())
+    assert wave.dtype == (torch.int16 if (subtype, channels) == ("PCM_16", 1) else torch.float32)
+    assert torch.equal(float_wave(wave), torch.from_numpy(expected))
+
+
+def kaldi_reference(wave: torch.Tensor, rate: int, n_mels: int) -> torch.Tensor:
+    import torchaudio
+
+    return torchaudio.compliance.kaldi.fbank(
+        wave.unsqueeze(0),
+        num_mel_bins=n_mels,
+        sample_frequency=rate,
+        frame_length=25.0,
+        frame_shift=10.0,
+        dither=0.0,
+        htk_compat=True,
+        window_type="hanning",
+    )
 
 
 def test_the_filterbank_equals_torchaudios_kaldi_fbank():
-    """The decoder's own log-mel (window and mel matrix built once) against kaldi.fbank at the same settings, on
-    speech-like, tonal, silent and shortest inputs, at two sample rates."""
-    import torchaudio
-
-    from opt_ds.data.decode import KaldiFbank
-
+    """The log-mel (window and mel matrix built once) against kaldi.fbank at the same settings, on speech-like,
+    tonal, silent and shortest inputs, at two sample rates: clip by clip, and as one zero-padded batch made into
+    normalised frames the way to_device does it (each clip's frames, zeros after them; int16 and float clips in
+    one batch)."""
     generator = torch.Generator().manual_seed(0)
     for rate, n_mels in ((16_000, 80), (8_000, 40)):
         fbank = KaldiFbank(rate, n_mels)
         t = torch.arange(rate * 3) / rate
-        for wave in (
+        waves = [
             0.1 * torch.randn(rate * 3, generator=generator),
-            0.3 * torch.sin(2 * torch.pi * 440 * t) * torch.sin(2 * torch.pi * 3 * t),
+            0.3 * torch.sin(2 * torch.pi * 440 * t[: rate * 2]) * torch.sin(2 * torch.pi * 3 * t[: rate * 2]),
             torch.zeros(rate),
             torch.randn(rate * 25 // 1000, generator=generator),
-        ):
-            reference = torchaudio.compliance.kaldi.fbank(
-                wave.unsqueeze(0),
-                num_mel_bins=n_mels,
-                sample_frequency=rate,
-                frame_length=25.0,
-                frame_shift=10.0,
-                dither=0.0,
-                htk_compat=True,
-                window_type="hanning",
-            )
-            assert fbank(wave).shape == reference.shape
-            torch.testing.assert_close(fbank(wave), reference, atol=1e-4, rtol=1e-5)
+            torch.randint(-(2**15), 2**15, (rate,), generator=generator, dtype=torch.int16),  # 16-bit PCM as stored
+        ]
+        references = [kaldi_reference(float_wave(wave), rate, n_mels) for wave in waves]
+        for wave, reference in zip(waves, references):
+            assert fbank(float_wave(wave)).shape == reference.shape
+            torch.testing.assert_close(fbank(float_wave(wave)), reference, atol=1e-4, rtol=1e-5)
+        decode = DecodeConfig(sample_rate=rate, n_mels=n_mels)
+        samples = [{"key": str(i), "audio": wave} for i, wave in enumerate(waves)] + [{"key": "no audio"}]
+        batch = to_device(collate(samples, decode), torch.device("cpu"), torch.float32, decode)
+        assert batch["audio_mask"].sum(1).tolist() == [r.shape[0] for r in references] + [0]
+        for i, reference in enumerate(references):
+            normalised = (reference - decode.fbank_mean) / (2 * decode.fbank_std)
+            torch.testing.assert_close(batch["audio"][i, : reference.shape[0]], normalised, atol=1e-4, rtol=1e-5)
+        assert not batch["audio"][~batch["audio_mask"]].any()
 
 
 def test_audio_is_cut_to_max_seconds():
     decoder = SampleDecoder(DecodeConfig(max_audio_seconds=0.5))
-    assert decoder.audio(audio_bytes("flac", seconds=3.0)).shape[0] <= 50
+    assert decoder.waveform(audio_bytes("flac", seconds=3.0)).shape == (8000,)
 
 
 def test_image_resize_crop_normalise():
@@ -509,7 +542,7 @@ def test_one_epoch_reads_every_sample_once(synthetic_shards):
     keys = keys_of(batches)
     assert len(keys) == 60 and len(set(keys)) == 60
     b = batches[0]
-    assert b["image"].shape == (4, 3, 64, 64) and b["audio"].shape[2] == 80 and b["text_ids"].shape[0] == 4
+    assert b["image"].shape == (4, 3, 64, 64) and b["waveform"].dtype == torch.int16 and b["text_ids"].shape[0] == 4
     assert b["text_mask"].sum(1).min() >= 3 and b["audio_mask"].sum(1).min() >= 90
     assert loader.samples_read() == 60 and loader.skip_counts() == {}
 

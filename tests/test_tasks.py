@@ -54,12 +54,12 @@ def setup(synthetic_shards, request):
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
     rewrites = {"paraphrases_per_sample": 1, "hard_negatives_per_sample": 2} if request.param == "with_rewrites" else {}
+    decode = DecodeConfig(max_audio_seconds=2.0, **rewrites)
     loader = make_loader(
-        [SourceConfig("s", str(synthetic_shards))],
-        DecodeConfig(max_audio_seconds=2.0, **rewrites),
-        ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0),
+        [SourceConfig("s", str(synthetic_shards))], decode, ReaderConfig(batch_size=6, num_workers=0, shuffle_buffer=0)
     )
-    return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), to_device(next(iter(loader)), torch.device("cpu"), torch.float32)
+    batch = to_device(next(iter(loader)), torch.device("cpu"), torch.float32, decode)
+    return cfg, OPTModel(cfg), VQVAE(cfg.vq).eval(), batch
 
 
 def ctx_for(vq, step=0, isolate=False):
@@ -397,14 +397,11 @@ def test_training_drives_every_loss_down_and_retrieval_above_chance(tmp_path):
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
     model, vq = OPTModel(cfg), VQVAE(cfg.vq).eval()
-    loader = make_loader(
-        [SourceConfig("t", str(tmp_path))],
-        DecodeConfig(max_audio_seconds=2.0),
-        ReaderConfig(batch_size=16, num_workers=1),
-    )
+    decode = DecodeConfig(max_audio_seconds=2.0)
+    loader = make_loader([SourceConfig("t", str(tmp_path))], decode, ReaderConfig(batch_size=16, num_workers=1))
     weights = {name: 1.0 for name in WITHOUT_CONCEPTS} | {"contrastive": 3.0}
     scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), set(TASKS))
-    history = train_plain(model, loader, scheduler, steps=300, lr=3e-4, image_tokenizer=vq)
+    history = train_plain(model, loader, scheduler, steps=300, lr=3e-4, image_tokenizer=vq, decode=decode)
     for name in WITHOUT_CONCEPTS:
         first, last = task_trend(history, f"{name}/loss", window=8)
         assert last < first, f"{name}: loss {first:.3f} -> {last:.3f}"

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from opt_ds.data.batch import to_device
+from opt_ds.data.decode import DecodeConfig
 from opt_ds.model.config import load_model_config
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
@@ -42,11 +43,12 @@ def train_plain(
     image_tokenizer: VQVAE | None = None,
     bf16: bool = True,
     seed: int = 0,
+    decode: DecodeConfig | None = None,
 ) -> list[dict]:
     """-> one record per step: step, task metrics, seconds (the step alone, not the wait for its batch).
 
     Gradients are clipped to norm 1, as `opt_ds.train` does; the model's device decides where it runs, and the
-    batches move there."""
+    batches move there (`decode`: the loader's, whose waveforms become log-mel frames there)."""
     tasks = build_tasks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     device = next(model.parameters()).device
@@ -54,7 +56,7 @@ def train_plain(
     history = []
     iterator = iter(batches)
     for step in range(steps):
-        batch = to_device(next(iterator), device, torch.float32)
+        batch = to_device(next(iterator), device, torch.float32, decode)
         start = time.perf_counter()
         _, stage = scheduler.stage(step)
         ctx = TaskContext(step_generator(seed, step, 0), image_tokenizer, stage.isolate)

@@ -18,6 +18,7 @@ from opt_ds.config.experiment import RANDOM_IMAGE_TOKENIZER, REPO_ROOT
 from opt_ds.data import build_shards
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.features import with_log_mel
 from opt_ds.data.synthetic import synthetic_sample
 from opt_ds.dist.launch import local_training_command
 from opt_ds.model.config import load_model_config
@@ -40,7 +41,7 @@ def synthetic_batch(model_name: str, batch_size: int) -> dict:
         decoder(synthetic_sample(i, image_size=decode.image_size, audio_seconds=AUDIO_SECONDS))[0]
         for i in range(batch_size)
     ]
-    return collate(samples, decode)
+    return with_log_mel(collate(samples, decode), decode)
 
 
 def bench_shards(model_name: str, samples: int, out: Path) -> Path:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.features import with_log_mel
+
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the model's input statistics (CLIP's)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -22,9 +25,13 @@ def normalised_images(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) 
     return ((pixels.float() / 255 - mean) / std).to(dtype)
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype, decode: DecodeConfig | None = None) -> dict:
     """Tensors to the device; floating ones to the compute dtype (DeepSpeed does not cast inputs); uint8 images
-    normalised there."""
+    normalised there, and a loader batch's waveforms made into log-mel frames there by `decode`'s settings."""
+    if "waveform" in batch:
+        if decode is None:
+            raise ValueError("a batch of waveforms needs the decode config that makes their log-mel frames")
+        batch = with_log_mel(dict(batch, waveform=batch["waveform"].to(device, non_blocking=True)), decode)
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):

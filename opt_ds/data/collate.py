@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.decode import DecodeConfig, float_wave
+from opt_ds.data.features import frame_count, samples_for_frames
 from opt_ds.model.config import CONCEPT_PAD
 
 MIN_AUDIO_FRAMES = 16  # the audio encoder's conv stem needs a few frames even when the batch has no audio
@@ -64,13 +65,26 @@ def concept_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
     return out
 
 
+def waveform_slots(samples: list[dict], cfg: DecodeConfig) -> dict:
+    """The samples' waveforms zero-padded: waveform [B, N] (opt_ds.data.batch.to_device makes it `audio`
+    [B, T, n_mels]) and audio_mask [B, T], the log-mel frames each makes. The waveforms stay int16 (16-bit PCM as
+    stored) when every clip is, else float32."""
+    waves = [s.get("audio") for s in samples]
+    given = [w for w in waves if w is not None]
+    dtype = torch.int16 if all(w.dtype == torch.int16 for w in given) else torch.float32
+    as_batch = (lambda w: w) if dtype == torch.int16 else float_wave
+    waves = [torch.zeros(0, dtype=dtype) if w is None else as_batch(w) for w in waves]
+    waveform, _ = pad_with_mask(waves, samples_for_frames(MIN_AUDIO_FRAMES, cfg.sample_rate))
+    frames = frame_count(torch.tensor([waveform.shape[1]] + [w.shape[0] for w in waves]), cfg.sample_rate)
+    return {"waveform": waveform, "audio_mask": torch.arange(frames[0])[None] < frames[1:, None]}
+
+
 def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
     """Every modality tensor is always present (zeros where absent): ranks must run the same graph.
 
-    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S] uint8, has_image [B], audio [B,T,M],
-    audio_mask [B,T],
-    has_audio [B], text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots' and concept_slots' keys. Masks
-    are True on real tokens.
+    Keys: keys, captions, labels (class names, '' where none), image [B,3,S,S] uint8, has_image [B], has_audio [B],
+    text_ids [B,L], text_mask [B,L], has_text [B], and rewrite_slots', concept_slots' and waveform_slots' keys.
+    Masks are True on real tokens.
     """
     batch_size = len(samples)
     size = cfg.image_size
@@ -81,22 +95,19 @@ def collate(samples: list[dict], cfg: DecodeConfig) -> dict:
             image[i] = s["image"]
 
     has_audio = torch.tensor(["audio" in s for s in samples])
-    audio, audio_mask = pad_with_mask([s.get("audio", torch.zeros(0, cfg.n_mels)) for s in samples], MIN_AUDIO_FRAMES)
-
     has_text = torch.tensor(["text_ids" in s for s in samples])
     text_ids, text_mask = pad_with_mask([s.get("text_ids", NO_TEXT) for s in samples], MIN_TEXT_TOKENS)
 
     return (
         rewrite_slots(samples, cfg)
         | concept_slots(samples, cfg)
+        | waveform_slots(samples, cfg)
         | {
             "keys": [s["key"] for s in samples],
             "captions": [s.get("caption", "") for s in samples],
             "labels": [s.get("label", "") for s in samples],
             "image": image,
             "has_image": has_image,
-            "audio": audio,
-            "audio_mask": audio_mask,
             "has_audio": has_audio,
             "text_ids": text_ids,
             "text_mask": text_mask,

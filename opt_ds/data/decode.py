@@ -41,6 +41,15 @@ CHARS_PER_TOKEN = 32  # a caption is cut to this many characters per text token 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")  # MPO: the JPEG variant many cameras write
 
 
+PCM16_SCALE = 32768  # libsndfile's scale from 16-bit PCM to floats in [-1, 1)
+
+
+def float_wave(wave: torch.Tensor) -> torch.Tensor:
+    """A decoded waveform as float32 in [-1, 1]; an int16 one (16-bit PCM as stored) scaled as libsndfile scales it,
+    so the floats are those of libsndfile's own float read."""
+    return wave.float().div_(PCM16_SCALE) if wave.dtype == torch.int16 else wave.float()
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     image_size: int = 64
@@ -72,39 +81,12 @@ class DecodeConfig:
         return {"paraphrases": self.paraphrases_per_sample, "hard_negatives": self.hard_negatives_per_sample}
 
 
-class KaldiFbank:
-    """Log-mel frames [T, n_mels] of a mono waveform: `torchaudio.compliance.kaldi.fbank` with 25 ms Hann frames
-    every 10 ms, no dither (the AST / AudioSet features), equal to it within float rounding (tests/test_data.py).
-
-    kaldi.fbank rebuilds its window and mel matrix for every clip and takes the power spectrum as |z| squared;
-    here they are built once and the power is re^2 + im^2: the filterbank was 60% of a sample's decode time.
-    """
-
-    def __init__(self, sample_rate: int, n_mels: int):
-        self.frame, self.shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
-        self.n_fft = 1 << (self.frame - 1).bit_length()  # kaldi's round_to_power_of_two
-        self.window = torch.hann_window(self.frame, periodic=False)
-        banks, _ = torchaudio.compliance.kaldi.get_mel_banks(
-            n_mels, self.n_fft, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0
-        )
-        self.banks = torch.nn.functional.pad(banks, (0, 1)).T.contiguous()  # [n_fft / 2 + 1, n_mels]
-
-    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        frames = wave.unfold(0, self.frame, self.shift)  # kaldi's snip_edges: whole frames only
-        frames = frames - frames.mean(dim=1, keepdim=True)
-        emphasised = torch.cat([frames[:, :1], frames[:, :-1]], dim=1).mul_(-0.97).add_(frames)
-        spectrum = torch.fft.rfft(emphasised.mul_(self.window), n=self.n_fft)
-        power = spectrum.real.square() + spectrum.imag.square()
-        return (power @ self.banks).clamp_min(torch.finfo(power.dtype).eps).log()
-
-
 class SampleDecoder:
     """Callable: raw sample dict -> (decoded dict or None, list of (reason, detail))."""
 
     def __init__(self, cfg: DecodeConfig):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.fbank = KaldiFbank(cfg.sample_rate, cfg.n_mels)
         self.vocabulary = ConceptVocabulary.load(cfg.concepts) if cfg.concepts else None
         self.image_transform = T.Compose(
             [
@@ -129,25 +111,28 @@ class SampleDecoder:
         return self.image_transform(self.picture(data))
 
     def waveform(self, data: bytes) -> torch.Tensor:
-        """Mono waveform at sample_rate, its first max_audio_seconds."""
+        """Mono waveform at sample_rate, its first max_audio_seconds: the sample's audio. A mono 16-bit PCM file at
+        that rate (most FLAC) stays int16 as stored, half the bytes to the trainer, made float (`float_wave`) where
+        its log-mel is made; anything else is float32 in [-1, 1]."""
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
             if rate not in SAMPLE_RATES:
                 raise ValueError(f"sample rate {rate} Hz is not one of {', '.join(map(str, SAMPLE_RATES))}")
             wanted = int(self.cfg.max_audio_seconds * rate)
-            frames = f.read(wanted if f.frames <= 0 else min(f.frames, wanted), dtype="float32", always_2d=True)
+            dtype = "int16" if f.subtype == "PCM_16" else "float32"
+            frames = f.read(wanted if f.frames <= 0 else min(f.frames, wanted), dtype=dtype, always_2d=True)
         if frames.shape[0] == 0:
             raise ValueError("no audio frames")
-        wave = torch.from_numpy(frames).mean(dim=1)
-        if rate != self.cfg.sample_rate:
-            wave = torchaudio.functional.resample(wave, rate, self.cfg.sample_rate)
+        wave = torch.from_numpy(frames)
+        if wave.shape[1] == 1 and rate == self.cfg.sample_rate:
+            wave = wave[:, 0].contiguous()
+        else:
+            wave = float_wave(wave).mean(dim=1)
+            if rate != self.cfg.sample_rate:
+                wave = torchaudio.functional.resample(wave, rate, self.cfg.sample_rate)
         if wave.numel() < self.cfg.sample_rate // 40:  # shorter than one 25 ms window
             raise ValueError(f"audio too short: {wave.numel()} samples")
         return wave
-
-    def audio(self, data: bytes) -> torch.Tensor:
-        """Normalised log-mel frames [T, n_mels] of the waveform."""
-        return (self.fbank(self.waveform(data)) - self.cfg.fbank_mean) / (2 * self.cfg.fbank_std)
 
     def text(self, caption: str) -> torch.Tensor:
         """WordPiece ids, truncated; the caption is cut to CHARS_PER_TOKEN x max_text_tokens characters first, so a
@@ -209,7 +194,7 @@ class SampleDecoder:
         audio = first_present(raw, AUDIO_EXTS)
         if audio is not None:
             try:
-                out["audio"] = self.audio(audio[1])
+                out["audio"] = self.waveform(audio[1])  # its log-mel is made on the device (opt_ds.data.features)
             except Exception as exc:  # libsndfile errors, empty or truncated streams
                 problems.append(("bad_audio", f"{type(exc).__name__}: {exc}"))
 

@@ -17,6 +17,7 @@ import torch
 from opt_ds.data.batch import take_rows, to_device
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.features import with_log_mel
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.evaluate.scoring import chance_recall, recall_at, same_caption
 from opt_ds.model.fusion import MODALITY_ORDER
@@ -30,7 +31,8 @@ RECALL_AT = (1, 5, 10)
 
 
 def eval_batches(shards: str, decode: DecodeConfig, batch_size: int, limit: int) -> list[dict]:
-    """The first `limit` samples of the held-out shards, in shard order (the same on every rank)."""
+    """The first `limit` samples of the held-out shards, in shard order (the same on every rank), their log-mel
+    frames made once, here."""
     loader = make_loader(
         [SourceConfig("eval", shards)],
         decode,
@@ -39,6 +41,7 @@ def eval_batches(shards: str, decode: DecodeConfig, batch_size: int, limit: int)
     batches, seen = [], 0
     for batch in loader:
         size = len(batch["keys"])
+        batch = with_log_mel(batch, decode)
         batches.append(batch if seen + size <= limit else take_rows(batch, torch.arange(size) < limit - seen))
         seen += len(batches[-1]["keys"])
         if seen >= limit:
@@ -129,6 +132,7 @@ def zero_shot(
         return {}
     text = SampleDecoder(decode).text
     classes = collate([{"key": str(i), "caption": n, "text_ids": text(n)} for i, n in enumerate(names)], decode)
+    classes = with_log_mel(classes, decode)
     class_emb = embed(call, classes, device, dtype)[0]["text"].float().cpu()
     truth = torch.tensor([names.index(n) if n else -1 for n in labels])
     out = {"eval/zero_shot/classes": float(len(names)), "eval/zero_shot/chance": 1.0 / len(names)}

@@ -66,7 +66,7 @@ def measure_matmul_peak_tflops(
 def step_flops(model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]], batch: dict) -> float:
     """Training FLOPs of one micro-batch on this rank: 3x the forward FLOPs of the components each task runs."""
     text_tokens = batch["text_ids"].shape[1]
-    frames = batch["audio"].shape[1]
+    frames = batch["audio_mask"].shape[1]
     slots = tuple(batch[k].shape[1] if k in batch else 0 for k in ("concept_ids", "tag_ids"))
     fwd = forward_flops(model_cfg, lengths_for(model_cfg, text_tokens, frames, slots))
     per_sample = sum(

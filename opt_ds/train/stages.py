@@ -16,6 +16,7 @@ from torch import nn
 from opt_ds.config.experiment import RANDOM_IMAGE_TOKENIZER, STAGES, ExperimentConfig
 from opt_ds.config.fields import ConfigError
 from opt_ds.data.batch import normalised_images, to_device
+from opt_ds.data.decode import DecodeConfig
 from opt_ds.model.config import ModelConfig
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
@@ -69,11 +70,12 @@ class PretrainStep:
         tasks: dict,
         image_tokenizer: VQVAE | None,
         specials: TextSpecials,
+        decode: DecodeConfig,
         seed: int,
         rank: int,
     ):
         self.model_cfg, self.scheduler, self.tasks, self.image_tokenizer = model_cfg, scheduler, tasks, image_tokenizer
-        self.specials, self.seed, self.rank = specials, seed, rank
+        self.specials, self.decode, self.seed, self.rank = specials, decode, seed, rank
 
     def plan(self, step: int) -> list[tuple[str, float]]:
         return self.scheduler.plan(step)
@@ -85,7 +87,7 @@ class PretrainStep:
         ctx = TaskContext(
             step_generator(self.seed, step, self.rank), self.image_tokenizer, stage.isolate, self.specials
         )
-        on_device = to_device(batch, device, dtype)
+        on_device = to_device(batch, device, dtype, self.decode)
         loss, metrics = engine(partial(run_tasks, batch=on_device, plan=plan, ctx=ctx, tasks=self.tasks))
         return loss, metrics, step_flops(self.model_cfg, self.tasks, plan, batch)
 
@@ -132,7 +134,14 @@ class Pretraining:
         if cfg.image_tokenizer is not None:
             image_tokenizer = load_image_tokenizer(cfg.image_tokenizer, model_cfg, device, cfg.train.seed)
         step = PretrainStep(
-            model_cfg, scheduler, build_tasks(cfg.tasks), image_tokenizer, specials, cfg.train.seed, rank
+            model_cfg,
+            scheduler,
+            build_tasks(cfg.tasks),
+            image_tokenizer,
+            specials,
+            cfg.data.decode,
+            cfg.train.seed,
+            rank,
         )
         return step, image_tokenizer
 
