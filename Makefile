@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := openmpi-bin libopenmpi-dev numactl libaio-dev slurm-wlm munge espeak-ng librsvg2-bin curl
 PYTEST_ARGS ?=
+# Two test processes, a test file each at a time (its module fixtures built once; the Slurm tests' one cluster):
+# most tests wait on launched processes, servers and schedulers more than they compute.
+PYTEST_WORKERS ?= 2
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -29,10 +32,10 @@ demo: setup
 	$(PY) -m opt_ds.demo
 
 test: setup
-	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-quick: setup
-	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Real pictures with their spoken descriptions (Tux Paint's stamps), for the real-data rows of BENCHMARKS.md
 real-corpus: setup
