@@ -537,6 +537,13 @@ def test_image_resize_crop_normalise():
 # --- the reader ----------------------------------------------------------------------------------
 
 
+def test_shards_hold_one_header_per_member(synthetic_shards):
+    """Whole-second mtimes: a fractional one gives every member a pax header too, a second header to read."""
+    with tarfile.open(sorted(synthetic_shards.glob("*.tar"))[0]) as tar:
+        members = tar.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == int(m.mtime) for m in members)
+
+
 def test_one_epoch_reads_every_sample_once(synthetic_shards):
     batches, loader = read_all(synthetic_shards, num_workers=2, shuffle_buffer=16)
     keys = keys_of(batches)

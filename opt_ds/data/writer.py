@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +35,13 @@ class ShardSink:
         self.bytes = 0
         self._keys: set[str] = set()
         self._writer = wds.ShardWriter(
-            str(self.out_dir / SHARD_PATTERN), maxcount=max_samples, maxsize=max_bytes, verbose=0, post=self._closed
+            str(self.out_dir / SHARD_PATTERN),
+            maxcount=max_samples,
+            maxsize=max_bytes,
+            verbose=0,
+            post=self._closed,
+            # whole seconds: a fractional mtime gives every member a pax header, a second 1 KB header to parse
+            mtime=int(time.time()),
         )
 
     def _closed(self, fname: str) -> None:
