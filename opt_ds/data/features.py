@@ -1,6 +1,6 @@
 """The audio's log-mel features, computed where the batch is: loader batches carry waveforms, and the frames are
-made on the compute device (`opt_ds.data.batch.to_device`), where a batch's filterbank costs a fraction of a
-millisecond; in a loader worker it was 40% of a sample's decode time (BENCHMARKS.md, "Data loader")."""
+made on the compute device (`opt_ds.data.batch.to_device`), where a GPU makes a batch's filterbank in a few small
+kernels; in a loader worker it was 40% of a sample's decode time (BENCHMARKS.md, "Data loader")."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 import torchaudio
 
 from opt_ds.data.decode import DecodeConfig, float_wave
+
+
+def frame_geometry(sample_rate: int) -> tuple[int, int]:
+    """(frame length, frame shift) in samples: 25 ms frames every 10 ms."""
+    return sample_rate * 25 // 1000, sample_rate * 10 // 1000
 
 
 class KaldiFbank(torch.nn.Module):
@@ -24,7 +29,7 @@ class KaldiFbank(torch.nn.Module):
 
     def __init__(self, sample_rate: int, n_mels: int):
         super().__init__()
-        self.frame, self.shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
+        self.frame, self.shift = frame_geometry(sample_rate)
         self.n_fft = 1 << (self.frame - 1).bit_length()  # kaldi's round_to_power_of_two
         banks, _ = torchaudio.compliance.kaldi.get_mel_banks(
             n_mels, self.n_fft, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0
@@ -44,13 +49,14 @@ class KaldiFbank(torch.nn.Module):
 
 def frame_count(samples: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """Log-mel frames of waveforms of `samples` samples (0 for fewer than one frame)."""
-    frame, shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
+    frame, shift = frame_geometry(sample_rate)
     return torch.where(samples >= frame, 1 + (samples - frame).div(shift, rounding_mode="floor"), 0)
 
 
 def samples_for_frames(frames: int, sample_rate: int) -> int:
     """The fewest waveform samples that make `frames` frames."""
-    return sample_rate * 25 // 1000 + (frames - 1) * (sample_rate * 10 // 1000)
+    frame, shift = frame_geometry(sample_rate)
+    return frame + (frames - 1) * shift
 
 
 @lru_cache(maxsize=8)
