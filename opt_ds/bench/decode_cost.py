@@ -62,7 +62,7 @@ def _ms_per_call(fn, inputs: list, rounds: int = 3) -> float:
 
 def step_costs(raw: list[dict], batch_size: int) -> dict[str, float]:
     """Milliseconds per sample of each of the decoder's steps on its own, one thread as in a worker; and of the
-    log-mel the trainer makes of a batch's waveforms (here on one CPU thread; on a GPU a small fraction of it)."""
+    log-mel the trainer makes of a batch's waveforms (here on one CPU thread; a GPU's cost is not measured here)."""
     decoder = SampleDecoder(DECODE)
     jpegs, flacs, captions = [s["jpg"] for s in raw], [s["flac"] for s in raw], [s["txt"].decode() for s in raw]
     pictures = [decoder.picture(j) for j in jpegs]
