@@ -289,6 +289,8 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
         "captions_from_image/CIDEr",
         "captions_from_audio/WER",
         "captions_from_image+audio/colour_and_shape",
+        "captions_from_image/shape",
+        "captions_from_audio/count",
         "images_from_text/R@1",
         "images_from_text/real_R@1",
         "images_from_text/colour",
