@@ -23,8 +23,8 @@ from PIL import Image
 from helpers import keys_of, run_module, take
 from opt_ds.data.batch import normalised_images, to_device
 from opt_ds.data.collate import collate
-from opt_ds.data.decode import DecodeConfig, SampleDecoder, float_wave
-from opt_ds.data.features import KaldiFbank, with_log_mel
+from opt_ds.data.decode import DecodeConfig, SampleDecoder
+from opt_ds.data.features import KaldiFbank, float_wave, with_log_mel
 from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
 from opt_ds.data.synthetic import synthetic_sample

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from opt_ds.data.decode import DecodeConfig, float_wave
-from opt_ds.data.features import frame_count, samples_for_frames
+from opt_ds.data.decode import DecodeConfig
+from opt_ds.data.features import float_wave, frame_count, samples_for_frames
 from opt_ds.model.config import CONCEPT_PAD
 
 MIN_AUDIO_FRAMES = 16  # the audio encoder's conv stem needs a few frames even when the batch has no audio

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from opt_ds.data.concepts import ConceptVocabulary, concepts_in
+from opt_ds.data.features import float_wave, frame_geometry
 from opt_ds.data.formats import (
     AUDIO_EXTS,
     IMAGE_EXTS,
@@ -39,15 +40,6 @@ CHARS_PER_TOKEN = 32  # a caption is cut to this many characters per text token 
 # still decodes): a file in any other format never reaches that format's parser (EPS runs Ghostscript; PSD, FITS,
 # and the other rarely used decoders are where PIL's security fixes land) and is counted as bad_image.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")  # MPO: the JPEG variant many cameras write
-
-
-PCM16_SCALE = 32768  # libsndfile's scale from 16-bit PCM to floats in [-1, 1)
-
-
-def float_wave(wave: torch.Tensor) -> torch.Tensor:
-    """A decoded waveform as float32 in [-1, 1]; an int16 one (16-bit PCM as stored) scaled as libsndfile scales it,
-    so the floats are those of libsndfile's own float read."""
-    return wave.float().div_(PCM16_SCALE) if wave.dtype == torch.int16 else wave.float()
 
 
 @dataclass(frozen=True)
@@ -130,7 +122,7 @@ class SampleDecoder:
             wave = float_wave(wave).mean(dim=1)
             if rate != self.cfg.sample_rate:
                 wave = torchaudio.functional.resample(wave, rate, self.cfg.sample_rate)
-        if wave.numel() < self.cfg.sample_rate // 40:  # shorter than one 25 ms window
+        if wave.numel() < frame_geometry(self.cfg.sample_rate)[0]:  # shorter than one 25 ms window
             raise ValueError(f"audio too short: {wave.numel()} samples")
         return wave
 

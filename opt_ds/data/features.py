@@ -5,11 +5,21 @@ kernels; in a loader worker it was 40% of a sample's decode time (BENCHMARKS.md,
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torchaudio
 
-from opt_ds.data.decode import DecodeConfig, float_wave
+if TYPE_CHECKING:  # opt_ds.data.decode reads waveforms with this module's helpers
+    from opt_ds.data.decode import DecodeConfig
+
+PCM16_SCALE = 32768  # libsndfile's scale from 16-bit PCM to floats in [-1, 1)
+
+
+def float_wave(wave: torch.Tensor) -> torch.Tensor:
+    """A decoded waveform as float32 in [-1, 1]; an int16 one (16-bit PCM as stored) scaled as libsndfile scales it,
+    so the floats are those of libsndfile's own float read."""
+    return wave.float().div_(PCM16_SCALE) if wave.dtype == torch.int16 else wave.float()
 
 
 def frame_geometry(sample_rate: int) -> tuple[int, int]:
