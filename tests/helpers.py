@@ -38,6 +38,14 @@ def keys_of(batches) -> list[str]:
     return [k for b in batches for k in b["keys"]]
 
 
+def loader_workers() -> list:
+    """This process's DataLoader workers (psutil processes): the forkserver's children."""
+    import psutil
+
+    server = next(p for p in psutil.Process().children() if "multiprocessing.forkserver" in " ".join(p.cmdline()))
+    return server.children()
+
+
 def take(batches, n: int) -> list[list[str]]:
     """The keys of the first `n` batches of a stream, batch by batch."""
     out = []

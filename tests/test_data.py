@@ -20,7 +20,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from helpers import keys_of, run_module, take
+from helpers import keys_of, loader_workers, run_module, take
 from opt_ds.data.batch import normalised_images, to_device
 from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
@@ -586,8 +586,8 @@ def test_loader_workers_start_with_iter_and_run_at_the_configured_niceness(synth
     batches = iter(loader)
     assert len(processes() - before) >= 2  # before any next()
     next(batches), next(batches)  # one batch from each worker: both have run their start-up
-    niceness = [p.nice() for p in psutil.Process().children(recursive=True)]
-    assert niceness.count(os.nice(0) + 7) == 2, niceness
+    niceness = [p.nice() for p in loader_workers()]  # not their shm managers, which are the workers' children
+    assert niceness == [os.nice(0) + 7] * 2, niceness
 
 
 SLURM_WARNED_LOADER = """

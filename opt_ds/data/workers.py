@@ -47,8 +47,15 @@ def start_worker_server() -> None:
 
 
 def init_worker(nice: int, rank_pid: int, _worker_id: int) -> None:
-    """DataLoader's worker_init_fn: one thread, `nice`, and an exit when the rank `rank_pid` is gone."""
+    """DataLoader's worker_init_fn: one thread, `nice`, batches shared by name, and an exit when the rank
+    `rank_pid` is gone.
+
+    Shared by name (`file_system`), not by file descriptor: a descriptor is handed over by the worker's own
+    resource-sharer thread when the rank unpickles the batch, so a worker frozen whole (SIGSTOP, a cgroup freeze)
+    after queueing a batch held the rank in that handshake for ever, past data.reader.timeout_s. A name is opened
+    without the worker's help."""
     torch.set_num_threads(1)
+    torch.multiprocessing.set_sharing_strategy("file_system")
     os.nice(nice)
     threading.Thread(target=_exit_without, args=(rank_pid,), name="rank-watch", daemon=True).start()
 
