@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import run_module
 from opt_ds.config.fields import ConfigError
-from opt_ds.model.config import load_model_config, model_config_names
+from opt_ds.model.config import VISION_STEMS, load_model_config, model_config_names
 from opt_ds.model.generate import filter_logits, generate_image_tokens, generate_text
 from opt_ds.model.opt import OPTModel, parameter_counts
 from opt_ds.model.size import forward_flops, lengths_for, parameter_count
@@ -49,7 +49,11 @@ def test_named_configs_exist_and_scale_to_billions():
 
 @pytest.mark.parametrize(
     "name, overrides",
-    [*((n, {}) for n in ("tiny", "small", "base", "large", "xl")), ("tiny", {"concept_vocab_size": 50})],
+    [
+        *((n, {}) for n in ("tiny", "small", "base", "large", "xl")),
+        ("tiny", {"concept_vocab_size": 50}),
+        *((n, {"vision": {"stem": "conv"}}) for n in ("tiny", "base")),
+    ],
 )
 def test_analytic_parameters_match_the_built_model(name, overrides):
     cfg = load_model_config(name, overrides)
@@ -84,6 +88,16 @@ def test_analytic_flops_match_torch_flop_counter(tiny):
     expected["encoders"] = expected["text"] + expected["vision"] + expected["audio"]
     for part, flops in counted.items():
         assert flops == pytest.approx(expected[part], rel=0.02), part
+
+
+@pytest.mark.parametrize("stem", VISION_STEMS)
+def test_analytic_vision_flops_follow_the_stem(stem):
+    cfg = load_model_config("tiny", {"vision": {"stem": stem}})
+    vision = OPTModel(cfg).vision.eval()
+    images = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        assert vision(images).shape == (2, cfg.vision.grid**2 + 1, cfg.vision.hidden)
+    assert fc.get_total_flops() / 2 == pytest.approx(forward_flops(cfg)["vision"], rel=0.01)
 
 
 def test_analytic_flops_count_the_concept_and_tag_slots():
@@ -171,6 +185,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_model_config("tiny", {"fusion": {"layers": "two"}})
     with pytest.raises(ConfigError, match="vq grid"):
         load_model_config("tiny", {"vq": {"downsample": 16}})
+    with pytest.raises(ConfigError, match="vision.stem must be one of patch, conv"):
+        load_model_config("tiny", {"vision": {"stem": "convolution"}})
+    with pytest.raises(ConfigError, match="no vision.init_from"):
+        load_model_config("tiny", {"vision": {"stem": "conv", "init_from": str(tmp_path / "vit.safetensors")}})
     with pytest.raises(FileNotFoundError, match="known: "):
         load_model_config("gigantic")
 

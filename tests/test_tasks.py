@@ -14,7 +14,7 @@ from opt_ds.bench.plain import task_trend, train_plain
 from opt_ds.data.batch import to_device
 from opt_ds.data.decode import DecodeConfig
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, load_model_config
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, VISION_STEMS, load_model_config
 from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.opt import OPTModel
 from opt_ds.model.vqvae import VQVAE
@@ -116,6 +116,27 @@ def test_mam_prediction_never_sees_its_target_frames(setup):
     assert audio.grad[targets].abs().max() == 0
     assert audio.grad[~targets & inputs["audio_mask"]].abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("stem", VISION_STEMS)
+def test_mvm_prediction_never_sees_its_target_pixels(setup, stem):
+    """A masked patch's prediction has zero gradient w.r.t. the patch's pixels, while unmasked pixels do reach
+    it. The conv stem's receptive field (15 px) crosses 8 px patches: masking after it let the unmasked neighbours
+    carry the masked patch's border."""
+    cfg, _, vq, batch = setup
+    torch.manual_seed(0)
+    model = OPTModel(load_model_config("tiny", {"vision": {"stem": stem}}))
+    grid = cfg.vision.grid
+    mask = choose_mask(batch["has_image"][:, None].expand(-1, grid * grid), ctx_for(vq), ratio=0.15, whole_prob=0.0)
+    image = batch["image"].clone().requires_grad_(True)
+    inputs = batch | {"image": image}
+    fused = model.fuse(model.unimodal(inputs, patch_mask=mask), inputs)
+    model.mvm_head(fused.part("image")[:, 1:][mask]).sum().backward()
+    pixels = mask.view(-1, 1, grid, grid).repeat_interleave(cfg.vision.patch_size, 2)
+    pixels = pixels.repeat_interleave(cfg.vision.patch_size, 3).expand_as(image)
+    assert mask.any()
+    assert image.grad[pixels].abs().max() == 0
+    assert image.grad[~pixels].abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", WITHOUT_CONCEPTS)

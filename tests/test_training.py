@@ -180,13 +180,13 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
 @pytest.fixture(scope="module")
 def resume_runs(data, vq_export, tmp_path_factory) -> dict[str, Path]:
     """One 6-step run; and the same config stopped after step 3 and resumed (one task per step, of all ten, on a
-    model with concept inputs)."""
+    model with concept inputs and the conv stem, whose BatchNorm statistics must resume too)."""
     root = tmp_path_factory.mktemp("resume")
     config = write_config(
         root / "run.yaml",
         data["triplets"],
         image_tokenizer=str(vq_export),
-        model_overrides=CONCEPT_MODEL,
+        model_overrides=CONCEPT_MODEL | {"vision": {"stem": "conv"}},
         data={"decode": concept_decode(data)},
         schedule={"mode": "sample", "stages": [{"name": "all", "tasks": {t: 1.0 for t in TASKS}}]},
         train={"steps": 6, "log_every": 1, "save_every": 3, "log_sample_keys": True},

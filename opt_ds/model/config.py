@@ -36,6 +36,9 @@ class VisionConfig:
     heads: int = 2
     mlp_ratio: float = 4.0
     init_from: str | None = None  # a local timm ViT state dict (.safetensors or .pth)
+    # "patch": one linear map per patch (timm's ViT); "conv": log2(patch_size) stride-2 3x3 convolutions (timm's
+    # ConvStem, Xiao et al. 2021), which teach a small tower shapes in few steps
+    stem: str = "patch"
 
     @property
     def grid(self) -> int:
@@ -109,6 +112,15 @@ class ModelConfig:
                 raise ValueError(f"{part}.hidden ({sub.hidden}) must be divisible by {part}.heads ({sub.heads})")
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError("vision.image_size must be a multiple of vision.patch_size")
+        if self.vision.stem not in VISION_STEMS:
+            raise ValueError(f"vision.stem must be one of {', '.join(VISION_STEMS)}, got {self.vision.stem!r}")
+        if self.vision.stem == "conv" and (
+            self.vision.patch_size & (self.vision.patch_size - 1) or self.vision.init_from
+        ):
+            raise ValueError(
+                "vision.stem 'conv' needs a power-of-two vision.patch_size and no vision.init_from (a timm ViT's "
+                "weights have a patch projection)"
+            )
         if self.vq.image_size != self.vision.image_size or self.vq.grid != self.vision.grid:
             raise ValueError(
                 f"vq grid ({self.vq.image_size}/{self.vq.downsample}) must equal the ViT patch grid "
@@ -122,6 +134,7 @@ class ModelConfig:
             raise ValueError("vq.downsample must be a power of two")
 
 
+VISION_STEMS = ("patch", "conv")
 # concept ids every vocabulary reserves (opt_ds.data.concepts.ConceptVocabulary): an empty slot, a masked concept
 CONCEPT_PAD, CONCEPT_MASK = 0, 1
 CONCEPT_RESERVED_IDS = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, ModelConfig, subsampled_length
+from opt_ds.model.config import FRAMES_PER_AUDIO_TOKEN, ModelConfig, VisionConfig, subsampled_length
 from opt_ds.model.heads import MATCH_CLASSES
 
 
@@ -32,6 +32,20 @@ def _block_flops(dim: int, mlp_ratio: float, length: int, memory: tuple[int, int
         mem_len, mem_dim = memory
         flops += 2 * length * 2 * dim * dim + 2 * mem_len * mem_dim * 2 * dim + 4 * length * mem_len * dim
     return flops
+
+
+def _vision_stem(v: VisionConfig) -> tuple[int, int]:
+    """(parameters, forward FLOPs per image) of the patch embedding: one linear map per patch, or timm's ConvStem
+    (stride-2 3x3 convolutions widening to `hidden`, BatchNorm on all but the last, bias on the last only)."""
+    if v.stem == "patch":
+        return _linear(3 * v.patch_size**2, v.hidden), 2 * v.grid**2 * 3 * v.patch_size**2 * v.hidden
+    depth = v.patch_size.bit_length() - 1
+    widths = [3] + [v.hidden // 2**i for i in reversed(range(depth))]
+    params, flops = widths[-1], 0
+    for layer, (c_in, c_out) in enumerate(zip(widths, widths[1:]), start=1):
+        params += 9 * c_in * c_out + (2 * c_out if layer < depth else 0)
+        flops += 2 * (v.image_size // 2**layer) ** 2 * 9 * c_in * c_out
+    return params, flops
 
 
 @dataclass(frozen=True)
@@ -76,10 +90,7 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
         )
     )
     vision = (
-        _linear(3 * v.patch_size**2, v.hidden)
-        + (v.grid**2 + 3) * v.hidden
-        + v.layers * _block_params(v.hidden, v.mlp_ratio)
-        + 2 * v.hidden
+        _vision_stem(v)[0] + (v.grid**2 + 3) * v.hidden + v.layers * _block_params(v.hidden, v.mlp_ratio) + 2 * v.hidden
     )
     c = a.conv_channels
     audio = (
@@ -143,7 +154,7 @@ def forward_flops(cfg: ModelConfig, lengths: Lengths | None = None) -> dict[str,
     text = t.layers * (2 * words * (4 * t.hidden**2 + 2 * t.hidden * t.intermediate) + 4 * words**2 * t.hidden)
     patches = v.grid**2
     vision = (
-        2 * patches * 3 * v.patch_size**2 * v.hidden
+        _vision_stem(v)[1]
         + 2 * n.tags * t.hidden * v.hidden
         + v.layers * _block_flops(v.hidden, v.mlp_ratio, n.image + n.tags)
     )
