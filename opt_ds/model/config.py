@@ -37,7 +37,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     init_from: str | None = None  # a local timm ViT state dict (.safetensors or .pth)
     # "patch": one linear map per patch (timm's ViT); "conv": log2(patch_size) stride-2 3x3 convolutions (timm's
-    # ConvStem, Xiao et al. 2021), which teach a small tower shapes in few steps
+    # ConvStem, Xiao et al. 2021), from which a small tower learns counts sooner (BENCHMARKS.md)
     stem: str = "patch"
 
     @property
