@@ -86,9 +86,13 @@ def test_synthetic_attributes_are_read_back_from_captions_and_pictures():
 
 
 def test_attribute_share_counts_only_references_that_name_the_attributes():
-    from opt_ds.evaluate.generation import attribute_share
+    from opt_ds.evaluate.scoring import attribute_scores, attribute_share
 
     generated = ["two red squares", "a picture of three", "one blue cross", "a dog"]
     references = ["two red squares", "three green circles", "four blue crosses", "a cat on a mat"]
     assert attribute_share(generated, references, ("colour", "shape")) == pytest.approx(2 / 3)
     assert attribute_share(["a dog"], ["a cat"], ("colour",)) is None
+    assert attribute_scores(generated, references) == pytest.approx(
+        {"colour": 2 / 3, "shape": 2 / 3, "count": 2 / 3, "colour_and_shape": 2 / 3}
+    )
+    assert attribute_scores(["a dog"], ["a cat"]) == {}

@@ -296,6 +296,7 @@ def test_export_and_evaluate_without_deepspeed(resume_runs, data):
         "images_from_text/colour",
         "zero_shot/image_acc",
         "zero_shot/audio_acc",
+        "zero_shot/image_shape",
         "matching/both_from_two_acc",
         "pair_matching/acc",
     ):

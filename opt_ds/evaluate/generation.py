@@ -25,22 +25,13 @@ from PIL import Image, ImageDraw, ImageFont
 from opt_ds.data.batch import image_statistics, normalised_images, take_rows, to_device
 from opt_ds.data.synthetic import drawn_colour, named_attributes
 from opt_ds.evaluate.retrieval import embed
-from opt_ds.evaluate.scoring import caption_scores, recall_at, same_caption, word_error_rate
+from opt_ds.evaluate.scoring import attribute_scores, caption_scores, recall_at, same_caption, word_error_rate
 from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.model.generate import generate_image_tokens, generate_text
 from opt_ds.model.vqvae import VQVAE
 from opt_ds.tasks.base import TextSpecials
 
 CAPTION_SOURCES = {"image": ("image",), "audio": ("audio",), "image+audio": ("image", "audio")}
-# Scored on synthetic data: the share of captions naming each attribute right, and colour and shape both right. Each
-# alone shows which attribute a decoder does not read: a shape named at chance (1 in 4) holds colour_and_shape
-# near a quarter of the colour share.
-NAMED_ATTRIBUTES = {
-    "colour": ("colour",),
-    "shape": ("shape",),
-    "count": ("count",),
-    "colour_and_shape": ("colour", "shape"),
-}
 
 
 @dataclass(frozen=True)
@@ -148,18 +139,6 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list(to_pixels(images.float()).permute(0, 2, 3, 1).cpu().numpy())
 
 
-def attribute_share(generated: list[str], references: list[str], attributes: tuple[str, ...]) -> float | None:
-    """Share of the samples whose reference names `attributes` where the generated caption names the same ones
-    (None when no reference names them: not synthetic data)."""
-    hits = []
-    for text, reference in zip(generated, references):
-        wanted = named_attributes(reference)
-        if all(a in wanted for a in attributes):
-            got = named_attributes(text)
-            hits.append(all(got.get(a) == wanted[a] for a in attributes))
-    return float(np.mean(hits)) if hits else None
-
-
 def caption_evaluation(
     call: Callable,
     batches: list[dict],
@@ -170,7 +149,7 @@ def caption_evaluation(
     decoding: Decoding,
     max_len: int,
 ) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """Per source: BLEU-4, CIDEr, WER (audio sources), NAMED_ATTRIBUTES (synthetic); -> (scores, captions per
+    """Per source: BLEU-4, CIDEr, WER (audio sources), scoring.NAMED_ATTRIBUTES (synthetic); -> (scores, captions per
     source and 'reference', for the first samples that have a caption and every source modality)."""
     scores: dict[str, float] = {}
     texts: dict[str, list[str]] = {}
@@ -186,10 +165,7 @@ def caption_evaluation(
         scores.update({f"{prefix}/{k}": v for k, v in caption_scores(generated, [[r] for r in references]).items()})
         if "audio" in source:
             scores[f"{prefix}/WER"] = word_error_rate(generated, references)
-        for score, attributes in NAMED_ATTRIBUTES.items():
-            named = attribute_share(generated, references, attributes)
-            if named is not None:
-                scores[f"{prefix}/{score}"] = named
+        scores.update({f"{prefix}/{k}": v for k, v in attribute_scores(generated, references).items()})
         texts.setdefault("reference", references)
         texts[name] = generated
     return scores, texts

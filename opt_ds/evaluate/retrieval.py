@@ -19,7 +19,7 @@ from opt_ds.data.collate import collate
 from opt_ds.data.decode import DecodeConfig, SampleDecoder
 from opt_ds.data.features import with_log_mel
 from opt_ds.data.stream import ReaderConfig, SourceConfig, make_loader
-from opt_ds.evaluate.scoring import chance_recall, recall_at, same_caption
+from opt_ds.evaluate.scoring import attribute_scores, chance_recall, recall_at, same_caption
 from opt_ds.model.fusion import MODALITY_ORDER
 from opt_ds.tasks.base import TaskContext, step_generator
 from opt_ds.tasks.contrastive import PAIRS, Rewrites, beats_hard_negatives, contrastive_embeddings, contrastive_request
@@ -126,7 +126,8 @@ def zero_shot(
 ) -> dict[str, float]:
     """Zero-shot classification where samples name their class (KEY.json `label_name`, or a text `label`):
     each image (audio clip) takes the class whose name, through the text encoder, scores highest. Chance is
-    1 / the number of classes."""
+    1 / the number of classes. Synthetic class names are also scored by the colour, shape and count they name
+    (`{modality}_shape`, ...): what the encoders know of each, the most a caption decoder can read from them."""
     names = sorted({n for n in labels if n})
     if len(names) < 2:
         return {}
@@ -141,6 +142,8 @@ def zero_shot(
         if rows.any():
             guesses = (emb[m][rows] @ class_emb.t()).argmax(1)
             out[f"eval/zero_shot/{m}_acc"] = float((guesses == truth[rows]).float().mean())
+            named = attribute_scores([names[g] for g in guesses.tolist()], [names[t] for t in truth[rows].tolist()])
+            out |= {f"eval/zero_shot/{m}_{score}": share for score, share in named.items()}
     return out
 
 
