@@ -385,9 +385,6 @@ def test_scheduler_draw_depends_only_on_seed_and_step_and_follows_stages():
     assert set(late) == {"mlm", "contrastive"} and 0.68 < late.count("contrastive") / 300 < 0.82
     summed = TaskScheduler(ScheduleConfig(mode="sum", stages=cfg.stages), set(TASKS))
     assert summed.plan(150) == [("contrastive", 3.0), ("mlm", 1.0)]
-    a.load_state_dict(b.state_dict())
-    with pytest.raises(ValueError, match="differs"):
-        summed.load_state_dict(a.state_dict())
 
 
 def test_schedule_config_errors():

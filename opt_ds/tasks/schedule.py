@@ -1,6 +1,7 @@
 """Which tasks run at a step: MVP stages by step boundaries, then one weighted draw or a weighted sum.
 
-The draw depends only on (seed, step): every rank runs the same task set, as ZeRO-3 requires.
+The draw depends only on (seed, step): every rank runs the same task set, as ZeRO-3 requires. The scheduler holds
+no state of its own, so a run resumed with another schedule in its config continues on that one.
 """
 
 from __future__ import annotations
@@ -88,15 +89,3 @@ class TaskScheduler:
             return [(n, stage.tasks[n]) for n in names]
         rng = random.Random(f"{self.cfg.seed}-task-{step}")
         return [(rng.choices(names, weights=[stage.tasks[n] for n in names])[0], 1.0)]
-
-    def state_dict(self) -> dict:
-        return {
-            "mode": self.cfg.mode,
-            "seed": self.cfg.seed,
-            "stages": [[s.name, s.until_step, dict(s.tasks)] for s in self.cfg.stages],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """The schedule is a pure function of (config, step): a resumed run must use the same one."""
-        if state != self.state_dict():
-            raise ValueError(f"task schedule differs from the checkpoint's: {state} vs {self.state_dict()}")
