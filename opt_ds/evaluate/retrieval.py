@@ -127,7 +127,8 @@ def zero_shot(
     """Zero-shot classification where samples name their class (KEY.json `label_name`, or a text `label`):
     each image (audio clip) takes the class whose name, through the text encoder, scores highest. Chance is
     1 / the number of classes. Synthetic class names are also scored by the colour, shape and count they name
-    (`{modality}_shape`, ...): what the encoders know of each, the most a caption decoder can read from them."""
+    (`{modality}_shape`, ...): what the contrastive embedding knows of each, beside which a caption decoder's
+    `captions_from_*/shape` can be read."""
     names = sorted({n for n in labels if n})
     if len(names) < 2:
         return {}
