@@ -5,8 +5,9 @@
 - linear probes (fitted on training samples, scored on the held-out ones) of the shape, count and colour from the
   picture's and the sound's tokens: what the encoders hold for the decoder to read;
 - with --fit-decoder N, the text decoder alone trained N steps to caption the training samples from the picture
-  (the rest of the model frozen), and the teacher-forced shares again: how much of what the memory holds a
-  decoder learns to read when the picture is all it is given.
+  (the rest of the model frozen), then the teacher-forced shares again and its captions from the picture scored
+  as `python -m opt_ds.evaluate` scores them: how much of what the memory holds a decoder learns to read when the
+  picture is all it is given.
 
     python benchmarks/caption_decoder_probe.py --weights demo_run/opt_tiny.safetensors \
         [--train demo_data/train --eval demo_data/eval --probe-samples 800 --fit-decoder 200 --fit-lr 9e-4]
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from opt_ds.data.batch import to_device
 from opt_ds.data.synthetic import COLOURS, COUNTS, SHAPES, named_attributes
 from opt_ds.data.tokenizer import load_tokenizer
+from opt_ds.evaluate.generation import Decoding, caption_evaluation
 from opt_ds.evaluate.retrieval import eval_batches
 from opt_ds.export.bundle import load_bundle
 from opt_ds.model.encoders import mean_pool
@@ -157,6 +159,18 @@ def main() -> None:
     if args.fit_decoder:
         print("teacher-forced from the picture, the text decoder alone trained on it (colour / shape / count):")
         fit_decoder(model, fitting, held_out, tokenizer, args.fit_decoder, args.fit_lr)
+        scores, _ = caption_evaluation(
+            lambda run: run(model),
+            held_out,
+            torch.device("cpu"),
+            torch.float32,
+            tokenizer,
+            64,
+            Decoding(),
+            decode.max_text_tokens,
+        )
+        print("its captions from the picture, as python -m opt_ds.evaluate scores them (64 samples, beam 3):")
+        print("  " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in scores.items() if "from_image/" in k))
 
 
 if __name__ == "__main__":
