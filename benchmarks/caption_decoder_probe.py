@@ -39,7 +39,9 @@ def keep_only(batch: dict, source: tuple[str, ...]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def words_read(model, batches: list[dict], tokenizer) -> dict[str, dict[str, float]]:
+def words_read(
+    model, batches: list[dict], tokenizer, sources: dict[str, tuple[str, ...]] = SOURCES
+) -> dict[str, dict[str, float]]:
     """Per source, the share of each attribute's words (every inflection the captions use) predicted right."""
     word_ids = {
         attribute: torch.tensor(
@@ -48,7 +50,7 @@ def words_read(model, batches: list[dict], tokenizer) -> dict[str, dict[str, flo
         for attribute, words in VOCABULARY.items()
     }
     out = {}
-    for name, source in SOURCES.items():
+    for name, source in sources.items():
         right = {a: [0, 0] for a in VOCABULARY}
         for batch in batches:
             fused = model.fuse(model.unimodal(batch), batch, keep=keep_only(batch, source))
@@ -101,6 +103,7 @@ def fit_decoder(model, fitting: list[dict], held_out: list[dict], tokenizer, ste
     """Train the text decoder alone on captions from the picture's (frozen) memory; print what it reads every 100
     steps. AdamW at `lr` (the demo's decoder peak: 9e-4), batch 32, pad tokens ignored."""
     picture = ("image",)
+    picture_only = {"the picture": picture}
     with torch.no_grad():
         memories = [model.fuse(model.unimodal(b), b, keep=keep_only(b, picture)) for b in fitting]
     decoder = model.text_decoder.train()
@@ -116,7 +119,7 @@ def fit_decoder(model, fitting: list[dict], held_out: list[dict], tokenizer, ste
         optimizer.step()
         if step % 100 == 0 or step == steps:
             decoder.eval()
-            shares = words_read(model, held_out, tokenizer)["the picture"]
+            shares = words_read(model, held_out, tokenizer, picture_only)["the picture"]
             decoder.train()
             print(f"  after {step:4d} steps  " + " / ".join(f"{shares[a]:.3f}" for a in VOCABULARY))
     decoder.eval()
