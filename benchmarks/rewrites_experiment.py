@@ -37,7 +37,7 @@ def train(work: Path, paraphrases: int, hard_negatives: int, steps: int, start: 
     loader = make_loader(
         [SourceConfig("train", str(work / "train"))], decode, ReaderConfig(batch_size=32, num_workers=1)
     )
-    scheduler = TaskScheduler(ScheduleConfig(mode="sum", stages=[StageConfig("c", {"contrastive": 1.0})]), set(TASKS))
+    scheduler = TaskScheduler(ScheduleConfig(mode="sum", stages=[StageConfig("c", {"contrastive": 1.0})]), TASKS)
     began = time.perf_counter()
     train_plain(model, loader, scheduler, steps=steps, lr=1e-3, decode=decode)
     return model.eval(), time.perf_counter() - began

@@ -50,7 +50,7 @@ def main() -> None:
         loader = make_loader([SourceConfig("train", args.train)], DECODE, ReaderConfig(batch_size=32, num_workers=1))
         schedule = ScheduleConfig(mode="sum", stages=[StageConfig("contrastive", {"contrastive": 1.0})])
         began = time.perf_counter()
-        train_plain(model, loader, TaskScheduler(schedule, set(TASKS)), steps=args.steps, lr=1e-3, decode=DECODE)
+        train_plain(model, loader, TaskScheduler(schedule, TASKS), steps=args.steps, lr=1e-3, decode=DECODE)
         seconds = time.perf_counter() - began
         model.eval()
         x_fit, x_test = picture_cls(model, fitting), picture_cls(model, held_out)

@@ -186,7 +186,7 @@ def test_concept_tasks_learn_on_synthetic_triplets(tmp_path):
     model = concept_model(tmp_path / "concepts.json")
     loader = concept_loader(tmp_path, tmp_path / "concepts.json", 16, num_workers=1)
     weights = {name: 1.0 for name in REACHES}
-    scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), set(TASKS))
+    scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), TASKS)
     history = train_plain(
         model, loader, scheduler, steps=160, lr=3e-4, decode=concept_decode(tmp_path / "concepts.json")
     )

@@ -134,6 +134,32 @@ def test_lr_schedule_warms_up_then_decays_to_its_floor():
     assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
 
 
+def test_each_component_follows_the_rate_of_the_stage_it_is_in():
+    """A stage that trains some components gives the others rate 0; a stage with its own lr runs a cosine from it
+    over its own steps; without either, the run's warm-up and cosine go on."""
+    from opt_ds.config.experiment import OptimConfig
+    from opt_ds.tasks import ScheduleConfig, StageConfig, TaskScheduler
+    from opt_ds.zero.engine import component_rate, warmup_cosine
+
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    scheduler = TaskScheduler(
+        ScheduleConfig(
+            stages=[
+                StageConfig("joint", {"text_gen": 1.0, "contrastive": 1.0}, until_step=60),
+                StageConfig("captioning", {"text_gen": 1.0}, trains=["text_decoder"], lr=2e-3),
+            ]
+        )
+    )
+    run = warmup_cosine(optim, 110)
+    encoder, decoder = (component_rate(optim, scheduler, 110, c) for c in ("vision", "text_decoder"))
+    for step in (0, 9, 30, 59):
+        assert encoder(step) == decoder(step) == pytest.approx(run(step))
+    assert encoder(60) == encoder(109) == 0.0
+    assert (
+        decoder(60) == pytest.approx(2.0) and decoder(85) == pytest.approx(1.1) and decoder(110) == pytest.approx(0.2)
+    )
+
+
 def test_metric_window_reduces_means_task_shares_and_counters_on_one_rank():
     from opt_ds.train.metrics import MetricWindow
 

@@ -377,19 +377,43 @@ def test_scheduler_draw_depends_only_on_seed_and_step_and_follows_stages():
             StageConfig("crossmodal", {"mlm": 1.0, "contrastive": 3.0}),
         ],
     )
-    a, b = TaskScheduler(cfg, set(TASKS)), TaskScheduler(cfg, set(TASKS))
+    a, b = TaskScheduler(cfg, TASKS), TaskScheduler(cfg, TASKS)
     plans = [a.plan(s) for s in range(400)]
     assert plans == [b.plan(s) for s in range(400)]
     assert {p[0][0] for p in plans[:100]} == {"mlm", "mvm", "mam"} and a.stage(99)[1].isolate
     late = [p[0][0] for p in plans[100:]]
     assert set(late) == {"mlm", "contrastive"} and 0.68 < late.count("contrastive") / 300 < 0.82
-    summed = TaskScheduler(ScheduleConfig(mode="sum", stages=cfg.stages), set(TASKS))
+    summed = TaskScheduler(ScheduleConfig(mode="sum", stages=cfg.stages), TASKS)
     assert summed.plan(150) == [("contrastive", 3.0), ("mlm", 1.0)]
+
+
+def test_encoders_run_without_gradients_in_a_stage_that_trains_none_of_them(setup):
+    """A captioning stage (trains only the decoders): the backward pass reaches the decoders and nothing else, and
+    the losses are those of the same step with every part trained."""
+    cfg, model, vq, batch = setup
+    tasks = build_tasks()
+    plan = [("text_gen", 1.0), ("image_gen", 1.0)]
+    reached, losses = {}, {}
+    for frozen in (False, True):
+        model.zero_grad(set_to_none=True)
+        ctx = TaskContext(step_generator(0, 0, 0), vq, encoders_frozen=frozen)
+        loss, losses[frozen] = run_tasks(model, batch, plan, ctx, tasks)
+        loss.backward()
+        reached[frozen] = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert {"text", "vision", "audio", "fusion", "text_decoder", "image_decoder"} <= reached[False]
+    assert reached[True] == {"text_decoder", "image_decoder"}
+    assert losses[True] == pytest.approx(losses[False])
 
 
 def test_schedule_config_errors():
     with pytest.raises(ValueError, match="unknown task 'mlmm'"):
-        TaskScheduler(ScheduleConfig(stages=[StageConfig("x", {"mlmm": 1.0})]), set(TASKS))
+        TaskScheduler(ScheduleConfig(stages=[StageConfig("x", {"mlmm": 1.0})]), TASKS)
+    with pytest.raises(ValueError, match="task 'contrastive' runs text, vision, audio, heads, none of which"):
+        TaskScheduler(ScheduleConfig(stages=[StageConfig("x", {"contrastive": 1.0}, trains=["text_decoder"])]), TASKS)
+    with pytest.raises(ValueError, match="stage 'x': trains needs model components .* got \\['decoder'\\]"):
+        StageConfig("x", {"text_gen": 1.0}, trains=["decoder"])
+    with pytest.raises(ValueError, match="stage 'x': lr must be > 0"):
+        StageConfig("x", {"text_gen": 1.0}, lr=0.0)
     with pytest.raises(ValueError, match="only the last stage"):
         ScheduleConfig(stages=[StageConfig("x", {"mlm": 1.0}), StageConfig("y", {"mlm": 1.0}, until_step=5)])
     with pytest.raises(ValueError, match="mode"):
@@ -418,7 +442,7 @@ def test_training_drives_every_loss_down_and_retrieval_above_chance(tmp_path):
     decode = DecodeConfig(max_audio_seconds=2.0)
     loader = make_loader([SourceConfig("t", str(tmp_path))], decode, ReaderConfig(batch_size=16, num_workers=1))
     weights = {name: 1.0 for name in WITHOUT_CONCEPTS} | {"contrastive": 3.0}
-    scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), set(TASKS))
+    scheduler = TaskScheduler(ScheduleConfig(mode="sample", stages=[StageConfig("all", weights)]), TASKS)
     history = train_plain(model, loader, scheduler, steps=300, lr=3e-4, image_tokenizer=vq, decode=decode)
     for name in WITHOUT_CONCEPTS:
         first, last = task_trend(history, f"{name}/loss", window=8)

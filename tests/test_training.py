@@ -134,7 +134,8 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
     tb = scalars(mixed_run)
     expected = [
         "loss/total",
-        "optim/lr",
+        "optim/lr/text",
+        "optim/lr/text_decoder",
         "optim/grad_norm",
         "optim/loss_scale",
         "optim/skipped_steps",
@@ -170,7 +171,7 @@ def test_tensorboard_holds_the_documented_scalars(mixed_run):
     for tag in expected:
         assert tag in tb, tag
     assert tb["perf/samples_per_s"][4] > 0 and 0 < tb["perf/mfu"][4] < 1 and tb["data/samples_seen"][4] == 2 * 4 * 4
-    assert tb["optim/lr"][1] < tb["optim/lr"][2]  # warm-up
+    assert tb["optim/lr/text"][1] < tb["optim/lr/text"][2]  # warm-up
     assert "eval/generated_images" in tb["_images"] and any("eval/captions" in t for t in tb["_text"])
     summary = json.loads((mixed_run / "summary.json").read_text())
     assert summary["step"] == 4 and "eval/text->image/R@1" in summary["eval"] and summary["device_peak_tflops"] > 0
@@ -404,6 +405,14 @@ def test_numbers_in_exponent_notation_are_floats(data, tmp_path):
         ("data.decode.concepts=/nowhere/concepts.json", "data.decode.concepts: /nowhere/concepts.json: not a concept"),
         ("data.decode.concepts=CONCEPTS", "concepts.json needs"),  # ... ids, but model tiny embeds 0
         ("model_overrides.concept_vocab_size=1", "concept_vocab_size must be 0 (off) or > 2, got 1"),
+        (
+            "schedule.stages=[{name: cap, tasks: {contrastive: 1.0}, trains: [text_decoder]}]",
+            "stage 'cap': task 'contrastive' runs text, vision, audio, heads, none of which the stage trains",
+        ),
+        (
+            "schedule.stages=[{name: cap, tasks: {text_gen: 1.0}, settings: {text_gen: {partner_split: [1.0]}}}]",
+            "schedule.stages.cap.settings: tasks.text_gen.partner_split needs 3 non-negative shares",
+        ),
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, message):
@@ -422,6 +431,48 @@ def test_bad_configs_fail_at_start_up_naming_the_key(data, tmp_path, override, m
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_stage_that_trains_the_decoders_alone_leaves_every_other_weight_as_it_was(data, vq_export, tmp_path):
+    """Three joint steps, then a captioning stage (the decoders alone, at their own rate, text_gen from the picture
+    alone) under ZeRO-3 on 2 ranks: the encoders, fusion and heads of step 6 are bit for bit those of step 3."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        data["triplets"],
+        image_tokenizer=str(vq_export),
+        schedule={
+            "mode": "sum",
+            "stages": [
+                {"name": "joint", "until_step": 3, "tasks": {"contrastive": 1.0, "text_gen": 1.0, "image_gen": 1.0}},
+                {
+                    "name": "captioning",
+                    "tasks": {"text_gen": 1.0, "image_gen": 1.0},
+                    "trains": ["text_decoder", "image_decoder"],
+                    "lr": 1e-3,
+                    "settings": {"text_gen": {"partner_split": [0.0, 1.0, 0.0]}},
+                },
+            ],
+        },
+    )
+    train_ranks(2, "--config", str(config), "--output", str(tmp_path / "run"))
+    weights = {}
+    for step in (3, 6):
+        out = tmp_path / f"step{step}.safetensors"
+        run_module(
+            "opt_ds.export", "--checkpoint", str(tmp_path / "run" / "checkpoints" / tag_for(step)), "--out", str(out)
+        )
+        weights[step] = load_file(str(out))
+    decoders = ("model.text_decoder.", "model.image_decoder.")
+    kept = [k for k in weights[3] if k.startswith("model.") and not k.startswith(decoders)]
+    assert len(kept) > 100 and all(torch.equal(weights[3][k], weights[6][k]) for k in kept)
+    for prefix in decoders:
+        trained = [k for k in weights[3] if k.startswith(prefix)]
+        assert sum(not torch.equal(weights[3][k], weights[6][k]) for k in trained) > len(trained) // 2, prefix
+    tb = scalars(tmp_path / "run")
+    assert tb["optim/lr/vision"][3] > 0 and tb["optim/lr/vision"][4] == tb["optim/lr/heads"][6] == 0.0
+    assert tb["optim/lr/text_decoder"][4] == pytest.approx(1e-3, rel=1e-6)  # the stage's own peak, lr_scale 1
+    assert tb["schedule/stage"][3] == 0 and tb["schedule/stage"][4] == 1
 
 
 @pytest.mark.slow

@@ -33,7 +33,9 @@ from opt_ds.dist.launch import local_training_command
 ROW_NAMES = {"open_clip": "open_clip", "contrastive": "opt_ds contrastive", "full": "opt_ds all tasks"}
 DEMO_CONFIG = yaml.safe_load((REPO_ROOT / "opt_ds" / "configs" / "demo.yaml").read_text())
 OPTIM = {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 30, "betas": [0.9, 0.98], "eps": 1e-6, "min_lr_ratio": 0.0}
-FULL_SCHEDULE = {"mode": "sum", "stages": [{"name": "all", "tasks": DEMO_CONFIG["schedule"]["stages"][-1]["tasks"]}]}
+# the tasks of the demo's last stage that trains the whole model (not its captioning stage)
+JOINT_TASKS = next(s["tasks"] for s in reversed(DEMO_CONFIG["schedule"]["stages"]) if "trains" not in s)
+FULL_SCHEDULE = {"mode": "sum", "stages": [{"name": "all", "tasks": JOINT_TASKS}]}
 
 
 def run_opt_ds(

@@ -15,7 +15,7 @@ from opt_ds.data.shards import ShardSpecError, expand_shards
 from opt_ds.data.stream import ReaderConfig, SourceConfig
 from opt_ds.model.config import ModelConfig
 from opt_ds.tasks import NEEDS_CONCEPTS
-from opt_ds.tasks.schedule import ScheduleConfig
+from opt_ds.tasks.schedule import ScheduleConfig, StageConfig
 from opt_ds.tasks.settings import TasksConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +121,12 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got '{self.stage}'")
+        for stage in self.schedule.stages:  # each stage's task settings are whole and valid
+            self.stage_tasks(stage)
+
+    def stage_tasks(self, stage: StageConfig) -> TasksConfig:
+        """The task settings of a schedule stage's steps: `tasks:` with the stage's own `settings` over them."""
+        return self.tasks.overridden(stage.settings, f"schedule.stages.{stage.name}.settings")
 
     @property
     def trained_image_tokenizer(self) -> str | None:

@@ -19,6 +19,7 @@ from opt_ds.model.layers import Block
 
 T = TypeVar("T")
 COMPONENTS = ("text", "vision", "audio", "fusion", "text_decoder", "image_decoder", "heads")
+ENCODER_COMPONENTS = ("text", "vision", "audio", "fusion")  # what the decoders' memory is made by
 # One transformer layer of each tower, decoder and the fusion: the unit ZeRO-3 gathers whole (leaf modules)
 LAYER_CLASSES: tuple[type[nn.Module], ...] = (BertLayer, VitBlock, Block)
 

@@ -50,6 +50,7 @@ class TaskContext:
     image_tokenizer: VQVAE | None = None
     isolate: bool = False  # MVP stage 1: token-level tasks see only their own modality
     specials: TextSpecials = TextSpecials()
+    encoders_frozen: bool = False  # a stage that trains no encoder: they run without gradients
 
     _image_codes: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 

@@ -1,10 +1,13 @@
 """Run one step's task plan: the weighted sum of task losses and their metrics.
 
 All tasks of the plan are prepared first, then encoded together in one pass (see tasks/encoding.py),
-then scored.
+then scored. In a stage that trains no encoder, the encoders run without gradients: the backward pass runs
+through the decoders and heads alone.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,7 +21,8 @@ def run_tasks(
     """-> (weighted total loss, metrics as floats named task/metric). The metrics reach the host in one copy: on
     CUDA each `float()` of a device value is a sync, and a step of seven tasks has some thirty metrics."""
     prepared = [tasks[name].prepare(model, batch, ctx) for name, _ in plan]
-    encoded = encode_requests(model, [request for request, _ in prepared])
+    with torch.no_grad() if ctx.encoders_frozen else contextlib.nullcontext():
+        encoded = encode_requests(model, [request for request, _ in prepared])
     total = None
     names: list[str] = []
     values: list[torch.Tensor] = []

@@ -5,13 +5,16 @@
       text_gen: {partner_split: [0.5, 0.2, 0.3]}
 
 Every key is optional; the defaults are the settings BENCHMARKS.md was measured with (UNIMO's and MVP's
-15% masking, a whole modality masked 30% of the time). A task is built from its section by `build_tasks`.
+15% masking, a whole modality masked 30% of the time). A task is built from its section by `build_tasks`; a
+schedule stage may change some keys for its own steps (its `settings`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from opt_ds.config.fields import ConfigError, from_dict, to_dict
 
 
 def _check_share(where: str, value: float, low_open: bool = False) -> None:
@@ -123,3 +126,14 @@ class TasksConfig:
     def __post_init__(self) -> None:
         for name, settings in vars(self).items():
             settings.check(name)
+
+    def overridden(self, overrides: dict[str, dict], where: str) -> TasksConfig:
+        """These settings with a schedule stage's `settings` over them: only the keys it names change."""
+        merged = to_dict(self)
+        for task, values in overrides.items():
+            if task not in merged:
+                raise ConfigError(f"{where}: unknown task '{task}' (known: {', '.join(merged)})")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}.{task}: expected a mapping, got {values!r}")
+            merged[task] = merged[task] | values
+        return from_dict(TasksConfig, merged, where)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # bad configs fail here, before any process group or model exists
         cfg = load_config(args.config, args.set)
         model_cfg = load_model_config(cfg.model, cfg.model_overrides)
-        scheduler = TaskScheduler(cfg.schedule, set(TASKS))
+        scheduler = TaskScheduler(cfg.schedule, TASKS)
         ds_config = load_deepspeed_config(cfg, parameter_count(model_cfg)["total"])
         loader_check = make_loader(cfg.data.sources, cfg.data.decode, cfg.data.reader)  # shard specs checked
         check_fits_model(cfg, model_cfg)

@@ -18,6 +18,7 @@ import torch
 from opt_ds.dist.process import all_gather_object, all_reduce
 from opt_ds.model.config import ModelConfig, subsampled_length
 from opt_ds.model.fusion import MODALITY_ORDER
+from opt_ds.model.opt import ENCODER_COMPONENTS
 from opt_ds.model.size import forward_flops, lengths_for
 from opt_ds.train import memory
 
@@ -63,22 +64,27 @@ def measure_matmul_peak_tflops(
         torch.set_num_threads(old)
 
 
-def step_flops(model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]], batch: dict) -> float:
-    """Training FLOPs of one micro-batch on this rank: 3x the forward FLOPs of the components each task runs."""
+def step_flops(
+    model_cfg: ModelConfig, tasks: dict, plan: list[tuple[str, float]], batch: dict, encoders_frozen: bool = False
+) -> float:
+    """Training FLOPs of one micro-batch on this rank: 3x the forward FLOPs of the components each task runs (1x
+    for the encoders when a stage runs them without gradients)."""
     text_tokens = batch["text_ids"].shape[1]
     frames = batch["audio_mask"].shape[1]
     slots = tuple(batch[k].shape[1] if k in batch else 0 for k in ("concept_ids", "tag_ids"))
     fwd = forward_flops(model_cfg, lengths_for(model_cfg, text_tokens, frames, slots))
+    passes = {c: 1.0 if encoders_frozen and c in ENCODER_COMPONENTS else 3.0 for c in fwd}
     per_sample = sum(
-        fwd[c] * (tasks[name].fused_rows_per_sample if c == "fusion" else 1)
+        passes[c] * fwd[c] * (tasks[name].fused_rows_per_sample if c == "fusion" else 1)
         for name, _ in plan
         for c in tasks[name].components
     )
     for name, _ in plan:  # text-only rows a task adds to the text encoder's batch (caption rewrites)
         if tasks[name].extra_text_key in batch:
             slots, length = batch[tasks[name].extra_text_key].shape[1:]
-            per_sample += slots * forward_flops(model_cfg, lengths_for(model_cfg, length, frames))["text"]
-    return 3.0 * per_sample * batch["text_ids"].shape[0]
+            text = forward_flops(model_cfg, lengths_for(model_cfg, length, frames))["text"]
+            per_sample += passes["text"] * slots * text
+    return per_sample * batch["text_ids"].shape[0]
 
 
 def modality_tokens(batch: dict, model_cfg: ModelConfig) -> dict[str, float]:

@@ -67,7 +67,7 @@ class PretrainStep:
         self,
         model_cfg: ModelConfig,
         scheduler: TaskScheduler,
-        tasks: dict,
+        tasks: list[dict],  # per schedule stage, its tasks built with its settings
         image_tokenizer: VQVAE | None,
         specials: TextSpecials,
         decode: DecodeConfig,
@@ -83,13 +83,18 @@ class PretrainStep:
     def __call__(
         self, engine, batch: dict, step: int, plan: list[tuple[str, float]], device, dtype
     ) -> tuple[torch.Tensor, dict, float]:
-        _, stage = self.scheduler.stage(step)
+        index, stage = self.scheduler.stage(step)
+        tasks = self.tasks[index]
         ctx = TaskContext(
-            step_generator(self.seed, step, self.rank), self.image_tokenizer, stage.isolate, self.specials
+            step_generator(self.seed, step, self.rank),
+            self.image_tokenizer,
+            stage.isolate,
+            self.specials,
+            encoders_frozen=stage.encoders_frozen,
         )
         on_device = to_device(batch, device, dtype, self.decode)
-        loss, metrics = engine(partial(run_tasks, batch=on_device, plan=plan, ctx=ctx, tasks=self.tasks))
-        return loss, metrics, step_flops(self.model_cfg, self.tasks, plan, batch)
+        loss, metrics = engine(partial(run_tasks, batch=on_device, plan=plan, ctx=ctx, tasks=tasks))
+        return loss, metrics, step_flops(self.model_cfg, tasks, plan, batch, stage.encoders_frozen)
 
 
 class TokenizerStep:
@@ -136,7 +141,7 @@ class Pretraining:
         step = PretrainStep(
             model_cfg,
             scheduler,
-            build_tasks(cfg.tasks),
+            [build_tasks(cfg.stage_tasks(stage)) for stage in scheduler.cfg.stages],
             image_tokenizer,
             specials,
             cfg.data.decode,

@@ -111,7 +111,7 @@ class Trainer:
                     if self.guard.diverged:
                         return self._diverged(step, bar)
                     continue
-                metrics["optim/lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
+                metrics.update(self._rates())
                 self.engine.backward(loss)
                 if step == self.start_step + 1:  # gradients live and optimizer state created by the first step
                     self._record_model_state()
@@ -150,6 +150,15 @@ class Trainer:
         bar.close()
         self.reporter.close()
         return 0
+
+    def _rates(self) -> dict[str, float]:
+        """The rate this step applies to each model component (`optim/lr/<component>`; a stage may train only some,
+        `optim/lr` for a module without components)."""
+        groups = self.lr_scheduler.optimizer.param_groups
+        return {
+            f"optim/lr/{group['component']}" if group.get("component") else "optim/lr": rate
+            for group, rate in zip(groups, self.lr_scheduler.get_last_lr())
+        }
 
     def _record_model_state(self) -> None:
         """Collective: every rank's model-state bytes by category between backward and optimizer step, into

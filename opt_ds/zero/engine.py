@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from opt_ds.config.experiment import ExperimentConfig, OptimConfig
+from opt_ds.tasks.schedule import TaskScheduler
 from opt_ds.zero import patches
 
 log = logging.getLogger("opt_ds.zero.engine")
@@ -46,8 +47,9 @@ def build_module(
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float]) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, embeddings of positions/types and other 1-d parameters;
-    each model component's learning rate is lr times its lr_scale (optim.lr_scale, e.g. faster decoders)."""
+    """AdamW groups, one per model component (its name in the group's "component", for the stages' rates) and
+    decay: no weight decay on biases, norms, embeddings of positions/types and other 1-d parameters; each
+    component's learning rate is lr times its lr_scale (optim.lr_scale, e.g. faster decoders)."""
     component_of: dict[int, str] = {}
     components = module.component_modules() if hasattr(module, "component_modules") else {}
     for component, modules in components.items():
@@ -65,9 +67,11 @@ def parameter_groups(module: nn.Module, weight_decay: float, lr: float, lr_scale
             or "norm" in name
             or name.endswith(("pos_embed", "cls_token", "mask_token"))
         )
-        scale = lr_scale.get(component_of.get(id(p), ""), 1.0)
+        component = component_of.get(id(p), "")
+        scale = lr_scale.get(component, 1.0)
         group = groups.setdefault(
-            (scale, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay, "lr": lr * scale}
+            (component, skip),
+            {"params": [], "weight_decay": 0.0 if skip else weight_decay, "lr": lr * scale, "component": component},
         )
         group["params"].append(p)
     return list(groups.values())
@@ -101,6 +105,10 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, ds_config: dict) -> 
     return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
+def cosine(min_ratio: float, progress: float) -> float:
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up, then cosine down to min_lr_ratio at total_steps."""
     warmup = max(0, min(optim.warmup_steps, total_steps - 1))
@@ -108,8 +116,26 @@ def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine(optim.min_lr_ratio, (step - warmup) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def component_rate(
+    optim: OptimConfig, scheduler: TaskScheduler, total_steps: int, component: str
+) -> Callable[[int], float]:
+    """LR multiplier of one component's groups: the run's warm-up and cosine; 0 in a stage that does not train the
+    component; in a stage with its own `lr`, a cosine from it over the stage's steps."""
+    run_factor = warmup_cosine(optim, total_steps)
+
+    def factor(step: int) -> float:
+        index, stage = scheduler.stage(step)
+        if not stage.updates(component):
+            return 0.0
+        if stage.lr is None:
+            return run_factor(step)
+        first, end = scheduler.span(index, total_steps)
+        return stage.lr / optim.lr * cosine(optim.min_lr_ratio, (step - first) / max(1, end - first))
 
     return factor
 
@@ -119,13 +145,15 @@ def build_engine(cfg: ExperimentConfig, make_module: Callable[[], nn.Module], ds
     module, hf_handle = build_module(cfg, make_module, ds_config)
     groups = parameter_groups(module, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale)
     optimizer = build_optimizer(groups, cfg.optim, ds_config)
-    factor = warmup_cosine(cfg.optim, cfg.train.steps)
+    stages = TaskScheduler(cfg.schedule)
     hooks_before = {m: (set(m._forward_pre_hooks), set(m._forward_hooks)) for m in module.modules()}
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, [component_rate(cfg.optim, stages, cfg.train.steps, g.get("component", "")) for g in opt.param_groups]
+        ),
     )
     if zero_stage(ds_config) == 3:
         patches.apply_zero3(engine, module, hooks_before)
