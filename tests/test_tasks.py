@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -385,6 +386,8 @@ def test_scheduler_draw_depends_only_on_seed_and_step_and_follows_stages():
     assert set(late) == {"mlm", "contrastive"} and 0.68 < late.count("contrastive") / 300 < 0.82
     summed = TaskScheduler(ScheduleConfig(mode="sum", stages=cfg.stages), TASKS)
     assert summed.plan(150) == [("contrastive", 3.0), ("mlm", 1.0)]
+    summed_late = ScheduleConfig(mode="sample", stages=[cfg.stages[0], replace(cfg.stages[1], mode="sum")])
+    assert TaskScheduler(summed_late, TASKS).plan(150) == summed.plan(150)  # a stage's own mode
 
 
 def test_encoders_run_without_gradients_in_a_stage_that_trains_none_of_them(setup):
@@ -414,6 +417,8 @@ def test_schedule_config_errors():
         StageConfig("x", {"text_gen": 1.0}, trains=["decoder"])
     with pytest.raises(ValueError, match="stage 'x': lr must be > 0"):
         StageConfig("x", {"text_gen": 1.0}, lr=0.0)
+    with pytest.raises(ValueError, match="stage 'x': mode must be one of"):
+        StageConfig("x", {"text_gen": 1.0}, mode="round_robin")
     with pytest.raises(ValueError, match="only the last stage"):
         ScheduleConfig(stages=[StageConfig("x", {"mlm": 1.0}), StageConfig("y", {"mlm": 1.0}, until_step=5)])
     with pytest.raises(ValueError, match="mode"):

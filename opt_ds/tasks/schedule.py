@@ -32,6 +32,7 @@ class StageConfig:
     lr: float | None = None
     # task settings for the stage's steps over the run's `tasks:` section, e.g. {text_gen: {partner_split: [...]}}
     settings: dict[str, dict] = field(default_factory=dict)
+    mode: str | None = None  # the stage's own mixing mode (sample / sum); None: the schedule's
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -48,6 +49,8 @@ class StageConfig:
                 )
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"stage '{self.name}': lr must be > 0, got {self.lr}")
+        if self.mode is not None and self.mode not in TASK_MODES:
+            raise ValueError(f"stage '{self.name}': mode must be one of {TASK_MODES}, got '{self.mode}'")
 
     def updates(self, component: str) -> bool:
         return self.trains is None or component in self.trains
@@ -128,7 +131,7 @@ class TaskScheduler:
         """The (task, loss weight) pairs of this step."""
         _, stage = self.stage(step)
         names = sorted(stage.tasks)
-        if self.cfg.mode == "sum":
+        if (stage.mode or self.cfg.mode) == "sum":
             return [(n, stage.tasks[n]) for n in names]
         rng = random.Random(f"{self.cfg.seed}-task-{step}")
         return [(rng.choices(names, weights=[stage.tasks[n] for n in names])[0], 1.0)]
