@@ -1,18 +1,36 @@
 """Run one step's task plan: the weighted sum of task losses and their metrics.
 
 All tasks of the plan are prepared first, then encoded together in one pass (see tasks/encoding.py),
-then scored. In a stage that trains no encoder, the encoders run without gradients: the backward pass runs
-through the decoders and heads alone.
+then scored. In a stage that trains no encoder, the encoders run as at inference and without gradients: the
+backward pass runs through the decoders and heads alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 
+from opt_ds.model.opt import ENCODER_COMPONENTS, OPTModel
 from opt_ds.tasks.base import TaskContext
 from opt_ds.tasks.encoding import encode_requests
+
+
+@contextlib.contextmanager
+def frozen_encoders(model: OPTModel) -> Iterator[None]:
+    """No gradients, and the encoders in eval mode (no dropout, BatchNorm statistics not updated), so a stage that
+    trains none of them leaves them exactly as they were, buffers included."""
+    modules = [m for c in ENCODER_COMPONENTS for m in model.component_modules()[c]]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def run_tasks(
@@ -21,7 +39,7 @@ def run_tasks(
     """-> (weighted total loss, metrics as floats named task/metric). The metrics reach the host in one copy: on
     CUDA each `float()` of a device value is a sync, and a step of seven tasks has some thirty metrics."""
     prepared = [tasks[name].prepare(model, batch, ctx) for name, _ in plan]
-    with torch.no_grad() if ctx.encoders_frozen else contextlib.nullcontext():
+    with frozen_encoders(model) if ctx.encoders_frozen else contextlib.nullcontext():
         encoded = encode_requests(model, [request for request, _ in prepared])
     total = None
     names: list[str] = []

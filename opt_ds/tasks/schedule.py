@@ -25,7 +25,7 @@ class StageConfig:
     until_step: int | None = None  # exclusive; None for the last stage
     isolate: bool = False  # uni-modal stage: token tasks see only their own modality
     # the model components whose weights the stage updates (None: all); the others keep theirs (learning rate 0),
-    # and when it trains no encoder (text, vision, audio, fusion) they run without gradients
+    # and when it trains no encoder (text, vision, audio, fusion) they run as at inference, without gradients
     trains: list[str] | None = None
     # the stage's own peak rate (x optim.lr_scale): cosine from it to lr x optim.min_lr_ratio over the stage's
     # steps, no warm-up; None: the run's warm-up and cosine go on through the stage
@@ -57,7 +57,7 @@ class StageConfig:
 
     @property
     def encoders_frozen(self) -> bool:
-        """True when the stage trains no encoder: they run without gradients."""
+        """True when the stage trains no encoder: they run in eval mode without gradients."""
         return not any(self.updates(c) for c in ENCODER_COMPONENTS)
 
 
